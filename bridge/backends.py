@@ -1,0 +1,153 @@
+"""Push backends: `cachix push` and `nix copy --to URI`, each run as a killable subprocess."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote
+
+from bridge.config import CacheConfig
+from bridge.process import CommandResult, run_command
+from bridge.secrets import SecretError, read_secret, redact, resolve_secret_path
+
+# Bounded set of push failure reasons; used as a metric label.
+FAILURE_REASONS = ("exit_status", "signal", "timeout", "spawn_error", "invalid_path", "secret")
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """The result of one push invocation for a batch of paths."""
+
+    ok: bool
+    duration: float
+    reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+class Backend(Protocol):
+    """Something that pushes the closures of store paths to one cache."""
+
+    name: str
+
+    def push(self, paths: Sequence[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        """Push paths; never raise for an ordinary failure."""
+
+
+def _last_lines(text: str, count: int = 5) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-count:])[-1000:]
+
+
+def outcome_from(result: CommandResult, program: str, secrets: list[str]) -> PushOutcome:
+    """Translate a finished command into a push outcome with a redacted error."""
+    if result.ok:
+        return PushOutcome(ok=True, duration=result.duration)
+    tail = redact(_last_lines(result.output), secrets)
+    if result.spawn_error is not None:
+        return PushOutcome(
+            False, result.duration, "spawn_error", redact(result.spawn_error, secrets)
+        )
+    if result.cancelled:
+        return PushOutcome(
+            False, result.duration, "timeout", "cancelled at shutdown", cancelled=True
+        )
+    if result.timed_out:
+        message = f"{program} timed out after {result.duration:.0f}s; process group killed"
+        return PushOutcome(False, result.duration, "timeout", f"{message}: {tail}".rstrip(": "))
+    if result.signal_name is not None:
+        return PushOutcome(
+            False,
+            result.duration,
+            "signal",
+            f"{program} killed by {result.signal_name}: {tail}".rstrip(": "),
+        )
+    return PushOutcome(
+        False,
+        result.duration,
+        "exit_status",
+        f"{program} exited {result.returncode}: {tail}".rstrip(": "),
+    )
+
+
+class CachixBackend:
+    """`cachix [-c CONFIG] [--hostname URI] push [extra_args] CACHE` with paths on stdin."""
+
+    def __init__(self, cache: CacheConfig, base_env: dict[str, str] | None = None) -> None:
+        self.name = cache.name
+        self.cache = cache
+        self.base_env = base_env
+
+    def command(self) -> list[str]:
+        """The argument list (no paths; they go to stdin)."""
+        args = [self.cache.executable or "cachix"]
+        if self.cache.cachix_config is not None:
+            args += ["-c", str(resolve_secret_path(self.cache.cachix_config))]
+        if self.cache.hostname:
+            args += ["--hostname", self.cache.hostname]
+        return [*args, "push", *self.cache.extra_args, self.cache.name]
+
+    def push(self, paths: Sequence[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        """Push the closures of paths with the cachix CLI."""
+        env = dict(os.environ if self.base_env is None else self.base_env)
+        secrets: list[str] = []
+        try:
+            if self.cache.auth_token_file is not None:
+                env["CACHIX_AUTH_TOKEN"] = read_secret(self.cache.auth_token_file)
+                secrets.append(env["CACHIX_AUTH_TOKEN"])
+            if self.cache.signing_key_file is not None:
+                env["CACHIX_SIGNING_KEY"] = read_secret(self.cache.signing_key_file)
+                secrets.append(env["CACHIX_SIGNING_KEY"])
+        except SecretError as exc:
+            return PushOutcome(False, 0.0, "secret", str(exc))
+        stdin = "".join(f"{path}\n" for path in paths).encode()
+        result = run_command(
+            self.command(), timeout=timeout, stdin_data=stdin, env=env, cancel=cancel
+        )
+        return outcome_from(result, "cachix push", secrets)
+
+
+class NixCopyBackend:
+    """`nix copy --to URI PATHS…` to any Nix store URI (file://, s3://, ssh-ng://, …)."""
+
+    def __init__(self, cache: CacheConfig, base_env: dict[str, str] | None = None) -> None:
+        self.name = cache.name
+        self.cache = cache
+        self.base_env = base_env
+
+    def destination(self) -> str:
+        """The store URI, with `secret-key=` added when a signing key file is configured."""
+        uri = self.cache.uri or ""
+        if self.cache.signing_key_file is not None:
+            key = quote(str(resolve_secret_path(self.cache.signing_key_file)), safe="/")
+            uri += ("&" if "?" in uri else "?") + f"secret-key={key}"
+        return uri
+
+    def command(self, paths: Sequence[str]) -> list[str]:
+        """The argument list, paths included."""
+        return [
+            self.cache.executable or "nix",
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--to",
+            self.destination(),
+            *self.cache.extra_args,
+            "--",
+            *paths,
+        ]
+
+    def push(self, paths: Sequence[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        """Copy the closures of paths to the destination store."""
+        result = run_command(self.command(paths), timeout=timeout, env=self.base_env, cancel=cancel)
+        return outcome_from(result, "nix copy", [])
+
+
+def make_backend(cache: CacheConfig) -> Backend:
+    """The backend for a configured cache."""
+    if cache.backend == "cachix":
+        return CachixBackend(cache)
+    return NixCopyBackend(cache)

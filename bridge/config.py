@@ -1,0 +1,434 @@
+"""Load, validate and freeze the TOML configuration (or the embedded defaults)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from bridge.events import SOURCES
+
+CONFIG_ENV = "HYDRA_CACHIX_BRIDGE_CONFIG"
+BACKENDS = ("cachix", "nix-copy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one `file:key: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class JobPattern:
+    """Hydra's `project:jobset:job` pattern: each part is `*` or must match exactly."""
+
+    project: str
+    jobset: str
+    job: str
+
+    @classmethod
+    def parse(cls, text: str) -> JobPattern:
+        """Parse a pattern; missing trailing parts mean `*`, more than three is an error."""
+        parts = text.split(":")
+        if len(parts) > 3 or not text:
+            raise ValueError(f"invalid job pattern {text!r}: expected project:jobset:job")
+        parts += ["*"] * (3 - len(parts))
+        return cls(*parts)
+
+    def matches(self, project: str, jobset: str, job: str) -> bool:
+        """True when every part is `*` or equal to the value."""
+        return all(
+            want == "*" or want == got
+            for want, got in ((self.project, project), (self.jobset, jobset), (self.job, job))
+        )
+
+    def __str__(self) -> str:
+        return f"{self.project}:{self.jobset}:{self.job}"
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    """How workers batch, time out and retry pushes."""
+
+    workers: int = 4
+    batch_size: int = 32
+    timeout_seconds: float = 1800.0
+    max_attempts: int = 8
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 900.0
+    shutdown_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """One destination binary cache and the backend that pushes to it."""
+
+    name: str
+    backend: str
+    uri: str | None = None
+    cachix_config: Path | None = None
+    hostname: str | None = None
+    auth_token_file: Path | None = None
+    signing_key_file: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    executable: str | None = None
+    max_parallel: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which events (by source, job and status) and which paths go to which caches."""
+
+    caches: tuple[str, ...]
+    jobs: tuple[JobPattern, ...] = ()
+    sources: tuple[str, ...] = SOURCES
+    build_statuses: tuple[int, ...] = (0,)
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """An append-only log file whose store paths are queued."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """Limits and timings of the spool watcher."""
+
+    max_event_bytes: int = 1024 * 1024
+    rescan_seconds: float = 30.0
+    group_writable: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where and how the Prometheus endpoint is served."""
+
+    enabled: bool = True
+    listen_address: str = "127.0.0.1"
+    port: int = 10198
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    per_jobset: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    state_dir: Path
+    spool_dir: Path
+    caches: Mapping[str, CacheConfig]
+    rules: tuple[Rule, ...]
+    push: PushSettings = field(default_factory=PushSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log_sources: tuple[LogSource, ...] = ()
+    log_poll_seconds: float = 1.0
+    retention_days: float = 14.0
+    log_level: str = "info"
+    source_file: Path | None = None
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite queue file."""
+        return self.state_dir / "queue.sqlite3"
+
+
+def default_state_dir() -> Path:
+    """State directory of the embedded defaults: $XDG_STATE_HOME or ~/.local/state."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hydra-cachix-bridge"
+
+
+def default_config(state_dir: Path | None = None) -> Config:
+    """The embedded defaults: local state and one `nix-copy` cache in a local directory."""
+    state = (state_dir or default_state_dir()).absolute()
+    cache = CacheConfig(name="local", backend="nix-copy", uri=f"file://{state / 'binary-cache'}")
+    return Config(
+        state_dir=state,
+        spool_dir=state / "spool",
+        caches=MappingProxyType({"local": cache}),
+        rules=(Rule(caches=("local",)),),
+    )
+
+
+class _Reader:
+    """Typed access to one TOML table that records problems instead of raising."""
+
+    def __init__(self, file: str, table: dict[str, Any], prefix: str, problems: list[str]) -> None:
+        self.file, self.table, self.prefix, self.problems = file, table, prefix, problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.file}:{self.key(name)}: {message}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(_type_name(k) for k in kinds)
+            self.error(name, f"must be {names}, got {_type_name(type(value))}")
+            return default
+        return value
+
+    def number(self, name: str, default: float, minimum: float, integer: bool = False) -> Any:
+        value = self.get(name, int if integer else (int, float), default)
+        if value < minimum:
+            self.error(name, f"must be at least {minimum:g}")
+            return default
+        return value if integer else float(value)
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        if not all(isinstance(v, str) for v in value):
+            self.error(name, "must be a list of strings")
+            return default
+        return tuple(value)
+
+    def path(self, name: str) -> Path | None:
+        value = self.get(name, str, None)
+        if value is None:
+            return None
+        if not value:
+            self.error(name, "must not be empty")
+            return None
+        return Path(value)
+
+    def table_of(self, name: str) -> dict[str, Any]:
+        value = self.get(name, dict, {})
+        return value if isinstance(value, dict) else {}
+
+    def finish(self) -> None:
+        for name in sorted(set(self.table) - self.seen):
+            self.error(name, "unknown key")
+
+
+def _type_name(kind: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> CacheConfig | None:
+    if not isinstance(table, dict):
+        problems.append(f"{file}:caches.{name}: must be a table")
+        return None
+    r = _Reader(file, table, f"caches.{name}.", problems)
+    backend = r.get("backend", str, None)
+    if backend is None:
+        r.error("backend", f"is required (one of {', '.join(BACKENDS)})")
+    elif backend not in BACKENDS:
+        r.error("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cache = CacheConfig(
+        name=name,
+        backend=backend or "",
+        uri=r.get("uri", str, None),
+        cachix_config=r.path("cachix_config"),
+        hostname=r.get("hostname", str, None),
+        auth_token_file=r.path("auth_token_file"),
+        signing_key_file=r.path("signing_key_file"),
+        extra_args=r.strings("extra_args", ()),
+        executable=r.get("executable", str, None),
+        max_parallel=r.get("max_parallel", int, None),
+    )
+    if backend == "nix-copy" and not cache.uri:
+        r.error("uri", "is required for backend nix-copy")
+    if backend == "cachix" and cache.uri is not None:
+        r.error("uri", "is only for backend nix-copy (the cache name is the table name)")
+    if backend == "nix-copy":
+        for key in ("cachix_config", "hostname", "auth_token_file"):
+            if key in table:
+                r.error(key, "is only for backend cachix")
+    if cache.max_parallel is not None and cache.max_parallel < 1:
+        r.error("max_parallel", "must be at least 1")
+    r.finish()
+    return cache
+
+
+def _parse_rule(
+    file: str, index: int, table: Any, caches: dict[str, CacheConfig], problems: list[str]
+) -> Rule | None:
+    prefix = f"rules[{index}]."
+    if not isinstance(table, dict):
+        problems.append(f"{file}:rules[{index}]: must be a table")
+        return None
+    r = _Reader(file, table, prefix, problems)
+    names = r.strings("caches", ())
+    if not names:
+        r.error("caches", "is required: a non-empty list of cache names")
+    for name in names:
+        if name not in caches:
+            r.error("caches", f"unknown cache {name!r} (defined: {', '.join(sorted(caches))})")
+    patterns: list[JobPattern] = []
+    for text in r.strings("jobs", ()):
+        try:
+            patterns.append(JobPattern.parse(text))
+        except ValueError as exc:
+            r.error("jobs", str(exc))
+    sources = r.strings("sources", SOURCES)
+    for source in sources:
+        if source not in SOURCES:
+            r.error("sources", f"unknown source {source!r} (one of {', '.join(SOURCES)})")
+    if patterns and "hydra" not in sources:
+        r.error("jobs", "job patterns only match Hydra events, but sources excludes 'hydra'")
+    statuses = r.get("build_statuses", list, [0])
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 99 for s in statuses):
+        r.error("build_statuses", "must be a list of Hydra build status integers")
+        statuses = [0]
+    rule = Rule(
+        caches=names,
+        jobs=tuple(patterns),
+        sources=sources,
+        build_statuses=tuple(statuses),
+        exclude=r.strings("exclude", ()),
+    )
+    r.finish()
+    return rule
+
+
+def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> Config:
+    """Validate a decoded TOML document into a Config, or raise ConfigError."""
+    problems: list[str] = []
+    top = _Reader(file, data, "", problems)
+    base = base or Path.cwd()
+    state_dir = top.path("state_dir") or default_state_dir()
+    state_dir = (base / state_dir).absolute()
+    spool_dir = top.path("spool_dir")
+    spool_dir = (base / spool_dir).absolute() if spool_dir else state_dir / "spool"
+    log_level = top.get("log_level", str, "info")
+    if log_level not in LOG_LEVELS:
+        top.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        log_level = "info"
+    retention = top.number("retention_days", 14.0, 0.0)
+
+    p = _Reader(file, top.table_of("push"), "push.", problems)
+    d = PushSettings()
+    push = PushSettings(
+        workers=p.number("workers", d.workers, 1, integer=True),
+        batch_size=p.number("batch_size", d.batch_size, 1, integer=True),
+        timeout_seconds=p.number("timeout_seconds", d.timeout_seconds, 1),
+        max_attempts=p.number("max_attempts", d.max_attempts, 1, integer=True),
+        backoff_initial_seconds=p.number("backoff_initial_seconds", d.backoff_initial_seconds, 0),
+        backoff_max_seconds=p.number("backoff_max_seconds", d.backoff_max_seconds, 0),
+        shutdown_grace_seconds=p.number("shutdown_grace_seconds", d.shutdown_grace_seconds, 0),
+    )
+    if push.backoff_max_seconds < push.backoff_initial_seconds:
+        p.error("backoff_max_seconds", "must not be below backoff_initial_seconds")
+    p.finish()
+
+    s = _Reader(file, top.table_of("spool"), "spool.", problems)
+    ds = SpoolSettings()
+    spool = SpoolSettings(
+        max_event_bytes=s.number("max_event_bytes", ds.max_event_bytes, 256, integer=True),
+        rescan_seconds=s.number("rescan_seconds", ds.rescan_seconds, 0.1),
+        group_writable=s.get("group_writable", bool, ds.group_writable),
+    )
+    s.finish()
+
+    m = _Reader(file, top.table_of("metrics"), "metrics.", problems)
+    dm = MetricsSettings()
+    port = m.number("port", dm.port, 0, integer=True)
+    if port > 65535:
+        m.error("port", "must be at most 65535")
+    metrics = MetricsSettings(
+        enabled=m.get("enabled", bool, dm.enabled),
+        listen_address=m.get("listen_address", str, dm.listen_address),
+        port=port,
+        tls_cert_file=m.path("tls_cert_file"),
+        tls_key_file=m.path("tls_key_file"),
+        per_jobset=m.get("per_jobset", bool, dm.per_jobset),
+    )
+    if (metrics.tls_cert_file is None) != (metrics.tls_key_file is None):
+        m.error("tls_cert_file", "tls_cert_file and tls_key_file must be set together")
+    m.finish()
+
+    caches: dict[str, CacheConfig] = {}
+    for name, table in top.table_of("caches").items():
+        cache = _parse_cache(file, name, table, problems)
+        if cache is not None:
+            caches[name] = cache
+    if not caches and not any(":caches" in problem for problem in problems):
+        problems.append(f"{file}:caches: at least one [caches.NAME] table is required")
+
+    raw_rules = top.get("rules", list, None)
+    rules: list[Rule] = []
+    if raw_rules is None:
+        rules = [Rule(caches=tuple(caches))] if caches else []
+    for index, table in enumerate(raw_rules or []):
+        rule = _parse_rule(file, index, table, caches, problems)
+        if rule is not None:
+            rules.append(rule)
+
+    log_sources: list[LogSource] = []
+    for index, table in enumerate(top.get("log_sources", list, [])):
+        if not isinstance(table, dict):
+            problems.append(f"{file}:log_sources[{index}]: must be a table")
+            continue
+        lr = _Reader(file, table, f"log_sources[{index}].", problems)
+        path = lr.path("path")
+        if path is None:
+            lr.error("path", "is required")
+        else:
+            log_sources.append(LogSource(path=(base / path).absolute()))
+        lr.finish()
+    log_poll = top.number("log_poll_seconds", 1.0, 0.05)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        state_dir=state_dir,
+        spool_dir=spool_dir,
+        caches=MappingProxyType(caches),
+        rules=tuple(rules),
+        push=push,
+        spool=spool,
+        metrics=metrics,
+        log_sources=tuple(log_sources),
+        log_poll_seconds=log_poll,
+        retention_days=retention,
+        log_level=log_level,
+        source_file=Path(file) if file != "<defaults>" else None,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config from `path`, else $HYDRA_CACHIX_BRIDGE_CONFIG, else embedded defaults."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        return default_config()
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
+    return parse_config(data, str(file), base=file.parent.absolute())

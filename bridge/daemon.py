@@ -1,0 +1,380 @@
+"""The daemon: wires spool watching, ingest, log following, push workers and metrics."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue as queue_module
+import random
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from bridge import __version__
+from bridge.backends import FAILURE_REASONS, Backend, make_backend
+from bridge.clock import Clock, SystemClock
+from bridge.config import Config
+from bridge.events import REJECT_REASONS, SOURCES
+from bridge.ingest import Ingestor
+from bridge.logfollow import LogFollower
+from bridge.matching import IGNORE_REASONS
+from bridge.queue import STATES, Queue
+from bridge.sdnotify import sd_notify, watchdog_interval
+from bridge.spool import SpoolLayout
+from bridge.store import NixStore
+from bridge.watcher import Notification, SpoolWatcher
+from bridge.worker import SKIP_REASONS, PushWorkers
+from exporter.http import MetricsServer
+from exporter.metrics import BridgeMetrics, QueueCollector
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_SECONDS = 3600.0
+TICK_SECONDS = 1.0
+DEFERRED_RECHECK_SECONDS = 1.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot start."""
+
+
+class Daemon:
+    """One running bridge; start(), then run_until() a stop event, then it shuts down."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
+        backends: Mapping[str, Backend] | None = None,
+        store: NixStore | None = None,
+        rng: random.Random | None = None,
+        serve_metrics: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.clock = clock or SystemClock()
+        self.store = store or NixStore()
+        self.backends = (
+            dict(backends)
+            if backends is not None
+            else {name: make_backend(cache) for name, cache in config.caches.items()}
+        )
+        self.rng = rng
+        self.serve_metrics = config.metrics.enabled if serve_metrics is None else serve_metrics
+        self.layout = SpoolLayout(config.spool_dir)
+        self.metrics = BridgeMetrics(
+            self.registry,
+            version=__version__,
+            caches={name: cache.backend for name, cache in config.caches.items()},
+            sources=SOURCES,
+            reject_reasons=REJECT_REASONS,
+            ignore_reasons=IGNORE_REASONS,
+            failure_reasons=FAILURE_REASONS,
+            skip_reasons=SKIP_REASONS,
+        )
+        self.stopping = threading.Event()
+        self.notifications: queue_module.SimpleQueue[Notification | None] = (
+            queue_module.SimpleQueue()
+        )
+        self._lock_fd: int | None = None
+        self._threads: list[threading.Thread] = []
+        self._scrape_lock = threading.Lock()
+        self._scrape_queue: Queue | None = None
+        self._queue: Queue | None = None
+        self.watcher: SpoolWatcher | None = None
+        self.workers: PushWorkers | None = None
+        self.server: MetricsServer | None = None
+        self.ingestor: Ingestor | None = None
+        self.follower: LogFollower | None = None
+        self.ready = threading.Event()
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the state lock, recover, scan the spool and start every thread."""
+        config = self.config
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.layout.ensure(config.spool.group_writable)
+        except OSError as exc:
+            raise DaemonError(f"cannot create {exc.filename}: {exc.strerror}") from None
+        self._take_lock()
+        # Used by start() and later by run_until()/shutdown(), which may be another thread.
+        self._queue = Queue(config.database_path, shared=True)
+        now = self.clock.time()
+        released = self._queue.release_all_inflight(now)
+        if released:
+            log.warning(
+                "%d path(s) were in flight when the last run stopped; queued again", released
+            )
+        self._restore_gauges(self._queue)
+        self._scrape_queue = Queue(config.database_path, shared=True)
+        self.registry.register(
+            QueueCollector(self._read_queue, config.caches, STATES, self.clock.time)
+        )
+        self.workers = PushWorkers(
+            settings=config.push,
+            caches=config.caches,
+            backends=self.backends,
+            queue_factory=lambda: Queue(config.database_path),
+            store=self.store,
+            metrics=self.metrics,
+            clock=self.clock,
+            rng=self.rng,
+        )
+        self.ingestor = Ingestor(
+            config, self._queue, self.store, self.metrics, self.clock, on_enqueued=self.workers.wake
+        )
+        if self.serve_metrics:
+            try:
+                self.server = MetricsServer(
+                    self.registry,
+                    self.health,
+                    address=config.metrics.listen_address,
+                    port=config.metrics.port,
+                    version=__version__,
+                    tls_cert_file=config.metrics.tls_cert_file,
+                    tls_key_file=config.metrics.tls_key_file,
+                )
+            except OSError as exc:
+                raise DaemonError(
+                    f"cannot serve metrics on {config.metrics.listen_address}:"
+                    f"{config.metrics.port}: {exc.strerror}"
+                ) from None
+            self.server.start()
+            log.info(
+                "metrics on http%s://%s:%d/metrics",
+                "s" if config.metrics.tls_cert_file else "",
+                config.metrics.listen_address,
+                self.server.port,
+            )
+        # Watch first, then scan: a file arriving in between is seen by one or the other.
+        self.watcher = SpoolWatcher(self.layout.incoming, self.notifications)
+        self.watcher.start()
+        self.metrics.spool_watch_alive.set(1)
+        stats = self.ingestor.ingest(self.ingestor.scan())
+        log.info(
+            "initial spool scan: %d event(s) recorded, %d quarantined",
+            stats.recorded,
+            stats.quarantined,
+        )
+        self.workers.start()
+        self._spawn(self._ingest_loop, "ingest")
+        if config.log_sources:
+            self._spawn(self._follow_loop, "log-follower")
+        self.ready.set()
+        sd_notify(f"READY=1\nSTATUS=watching {self.layout.incoming}")
+        log.info(
+            "hydra-cachix-bridge %s ready: spool %s, %d cache(s), %d worker(s)",
+            __version__,
+            config.spool_dir,
+            len(config.caches),
+            config.push.workers,
+        )
+
+    def _take_lock(self) -> None:
+        fd = os.open(lock_path(self.config.state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"another hydra-cachix-bridge daemon is using {self.config.state_dir}"
+            ) from None
+        self._lock_fd = fd
+
+    def _restore_gauges(self, queue: Queue) -> None:
+        for status in queue.cache_statuses(self.config.caches):
+            if status.cache not in self.config.caches:
+                continue
+            if status.last_success_at is not None:
+                self.metrics.last_success.labels(status.cache).set(status.last_success_at)
+            if status.last_failure_at is not None:
+                self.metrics.last_failure.labels(status.cache).set(status.last_failure_at)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _read_queue(self) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
+        with self._scrape_lock:
+            if self._scrape_queue is None:
+                return {}, {}
+            return self._scrape_queue.counts(), self._scrape_queue.oldest_pending()
+
+    # -- loops ----------------------------------------------------------------------------
+
+    def _ingest_loop(self) -> None:
+        assert self.workers is not None
+        queue = Queue(self.config.database_path)
+        ingestor = Ingestor(
+            self.config, queue, self.store, self.metrics, self.clock, on_enqueued=self.workers.wake
+        )
+        try:
+            self._ingest_until_stopped(ingestor)
+        finally:
+            queue.close()
+
+    def _ingest_until_stopped(self, ingestor: Ingestor) -> None:
+        next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_rescan - self.clock.monotonic())
+            batch: list[Notification] = []
+            try:
+                first = self.notifications.get(timeout=timeout)
+                if first is not None:
+                    batch.append(first)
+                while True:
+                    more = self.notifications.get_nowait()
+                    if more is not None:
+                        batch.append(more)
+            except queue_module.Empty:
+                pass
+            if self.stopping.is_set():
+                break
+            try:
+                closed = list(dict.fromkeys(path for path, final in batch if final))
+                created = [p for p in dict.fromkeys(p for p, _ in batch) if p not in closed]
+                deferred = ingestor.ingest(closed, writer_closed=True).deferred
+                deferred += ingestor.ingest(created).deferred
+                if self.clock.monotonic() >= next_rescan:
+                    deferred += ingestor.ingest(ingestor.scan()).deferred
+                    next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
+                if deferred:
+                    next_rescan = min(
+                        next_rescan, self.clock.monotonic() + DEFERRED_RECHECK_SECONDS
+                    )
+            except Exception:
+                log.exception("ingest pass failed; files stay in the spool for the next pass")
+                next_rescan = self.clock.monotonic() + DEFERRED_RECHECK_SECONDS
+
+    def _follow_loop(self) -> None:
+        queue = Queue(self.config.database_path)
+        assert self.ingestor is not None and self.workers is not None
+        self.follower = LogFollower(
+            self.config, queue, self.clock, count_event=self.ingestor.count_event
+        )
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if self.follower.poll():
+                        self.workers.wake()
+                except Exception:
+                    log.exception("log follower pass failed; retrying")
+                for index, readable in enumerate(self.follower.readable()):
+                    self.metrics.log_sources_alive.labels(str(index)).set(int(readable))
+                self.stopping.wait(self.config.log_poll_seconds)
+        finally:
+            self.follower.close()
+            queue.close()
+
+    # -- health and maintenance -----------------------------------------------------------
+
+    def health(self) -> list[str]:
+        """Problems that make the daemon unhealthy (empty when healthy)."""
+        problems: list[str] = []
+        if self.watcher is None or not self.watcher.alive():
+            problems.append(f"spool watch on {self.layout.incoming} is not alive")
+        with self._scrape_lock:
+            if self._scrape_queue is None or not self._scrape_queue.ping():
+                problems.append(f"queue database {self.config.database_path} does not answer")
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead and not self.stopping.is_set():
+            problems.append(f"thread(s) stopped: {', '.join(dead)}")
+        return problems
+
+    def _check_watch(self) -> None:
+        assert self.watcher is not None
+        if self.watcher.alive():
+            self.metrics.spool_watch_alive.set(1)
+            return
+        self.metrics.spool_watch_alive.set(0)
+        log.error("spool watch on %s lost; trying to restore it", self.layout.incoming)
+        self.watcher.stop()
+        try:
+            self.layout.ensure(self.config.spool.group_writable)
+            self.watcher.start()
+        except OSError as exc:
+            log.error("cannot restore the spool watch: %s", exc)
+            return
+        self.metrics.spool_watch_alive.set(1)
+        self.notifications.put(None)  # rescan now: files may have arrived unseen
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Run maintenance until stop is set, then shut down."""
+        assert self._queue is not None
+        interval = watchdog_interval()
+        next_watchdog = self.clock.monotonic()
+        next_prune = self.clock.monotonic()
+        try:
+            while not stop.wait(TICK_SECONDS if interval is None else min(TICK_SECONDS, interval)):
+                self._check_watch()
+                now = self.clock.monotonic()
+                if now >= next_prune:
+                    next_prune = now + PRUNE_INTERVAL_SECONDS
+                    self._prune()
+                if interval is not None and now >= next_watchdog and not self.health():
+                    sd_notify("WATCHDOG=1")
+                    next_watchdog = now + interval
+        finally:
+            self.shutdown()
+
+    def _prune(self) -> None:
+        assert self._queue is not None
+        before = self.clock.time() - self.config.retention_days * 86400
+        try:
+            removed = self._queue.prune(before)
+        except Exception:
+            log.exception("pruning old queue rows failed")
+            return
+        if removed:
+            log.info(
+                "pruned %d finished item(s) older than %g days", removed, self.config.retention_days
+            )
+
+    # -- stop -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop taking work, let running pushes finish within the grace period, release all."""
+        if self.stopping.is_set():
+            return
+        sd_notify("STOPPING=1")
+        log.info(
+            "stopping: no new pushes; waiting up to %.0fs for running ones",
+            self.config.push.shutdown_grace_seconds,
+        )
+        self.stopping.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.notifications.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.workers is not None:
+            self.workers.stop(self.config.push.shutdown_grace_seconds)
+        if self._queue is not None:
+            left = self._queue.release_all_inflight(self.clock.time())
+            if left:
+                log.warning("%d path(s) left pending for the next start", left)
+            self._queue.close()
+            self._queue = None
+        if self.server is not None:
+            self.server.stop()
+        with self._scrape_lock:
+            if self._scrape_queue is not None:
+                self._scrape_queue.close()
+                self._scrape_queue = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("stopped")
+
+
+def lock_path(state_dir: Path) -> Path:
+    """The file whose lock marks a running daemon."""
+    return state_dir / "daemon.lock"

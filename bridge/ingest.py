@@ -1,0 +1,215 @@
+"""Turn spool event files into recorded events and queued (cache, path) items."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bridge.clock import Clock
+from bridge.config import Config
+from bridge.events import Event, EventRejected, decode_json, parse_spool_document
+from bridge.matching import match_event
+from bridge.queue import Queue
+from bridge.spool import SpoolLayout, is_candidate, quarantine, read_event_file
+from bridge.store import NixStore, StoreQueryError
+from exporter.metrics import BridgeMetrics
+
+log = logging.getLogger(__name__)
+
+# A file that is not valid JSON yet may still be being written in place (not renamed in):
+# give it this long, or until its writer closes it, before it is quarantined.
+SETTLE_SECONDS = 5.0
+FILES_PER_TRANSACTION = 500
+
+
+@dataclass
+class IngestStats:
+    """What one ingest pass did."""
+
+    recorded: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    deferred: int = 0
+    enqueued: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    path: Path
+    event: Event
+    targets: tuple[tuple[str, str], ...]
+    outcome: str
+
+
+class Ingestor:
+    """Reads, validates, matches and records event files; quarantines the bad ones."""
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        store: NixStore,
+        metrics: BridgeMetrics,
+        clock: Clock,
+        on_enqueued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.layout = SpoolLayout(config.spool_dir)
+        self.queue = queue
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.on_enqueued = on_enqueued
+
+    def scan(self) -> list[Path]:
+        """Every candidate file currently in incoming/, oldest name first."""
+        try:
+            with os.scandir(self.layout.incoming) as entries:
+                names = sorted(e.name for e in entries if is_candidate(e.name))
+        except FileNotFoundError:
+            return []
+        return [self.layout.incoming / name for name in names]
+
+    def ingest(self, paths: Iterable[Path], *, writer_closed: bool = False) -> IngestStats:
+        """Process files; those left unparsed and still settling are counted as deferred."""
+        stats = IngestStats()
+        chunk: list[_Accepted] = []
+        for path in paths:
+            accepted = self._accept(path, stats, writer_closed)
+            if accepted is not None:
+                chunk.append(accepted)
+            if len(chunk) >= FILES_PER_TRANSACTION:
+                self._commit(chunk, stats)
+                chunk = []
+        if chunk:
+            self._commit(chunk, stats)
+        return stats
+
+    def _accept(self, path: Path, stats: IngestStats, writer_closed: bool) -> _Accepted | None:
+        if path.parent != self.layout.incoming or not is_candidate(path.name):
+            return None
+        now = self.clock.time()
+        try:
+            if self.queue.seen_spool_file(path.name):
+                # Recorded before a crash took us between commit and unlink.
+                stats.duplicates += 1
+                _unlink(path)
+                return None
+            raw = read_event_file(path, self.config.spool.max_event_bytes)
+            try:
+                event = parse_spool_document(decode_json(raw.data), fallback_time=raw.mtime)
+            except EventRejected as exc:
+                settling = now - raw.mtime < SETTLE_SECONDS
+                if exc.reason == "invalid_json" and settling and not writer_closed:
+                    stats.deferred += 1
+                    return None
+                raise
+            if event.needs_output_resolution and event.drv_path is not None:
+                event = self._resolve(event)
+        except FileNotFoundError:
+            return None  # already taken (a second notification for the same file)
+        except PermissionError:
+            self._quarantine(path, "unreadable", "event file is not readable by the daemon", stats)
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT,):
+                return None
+            self._quarantine(path, "unreadable", f"cannot read event file: {exc.strerror}", stats)
+            return None
+        except EventRejected as exc:
+            self._quarantine(path, exc.reason, exc.message, stats)
+            return None
+        result = match_event(event, self.config.rules)
+        return _Accepted(path, event, result.targets, result.ignored_reason or "matched")
+
+    def _resolve(self, event: Event) -> Event:
+        assert event.drv_path is not None
+        try:
+            outputs = self.store.resolve_outputs(event.drv_path)
+        except StoreQueryError as exc:
+            raise EventRejected("unresolved_outputs", str(exc)) from None
+        return Event(
+            source=event.source,
+            received_at=event.received_at,
+            out_paths=tuple(outputs),
+            drv_path=event.drv_path,
+        )
+
+    def _commit(self, chunk: list[_Accepted], stats: IngestStats) -> None:
+        now = self.clock.time()
+        results: list[tuple[_Accepted, dict[str, int] | None]] = []
+        with self.queue.transaction():
+            for item in chunk:
+                enqueued = self.queue.record_event(
+                    item.event,
+                    spool_name=item.path.name,
+                    outcome=item.outcome,
+                    targets=item.targets,
+                    now=now,
+                )
+                results.append((item, enqueued))
+        # Only now that the rows are durable may the files go.
+        for item, _ in results:
+            _unlink(item.path)
+        any_enqueued = False
+        for item, enqueued in results:
+            if enqueued is None:
+                stats.duplicates += 1
+                continue
+            stats.recorded += 1
+            self.count_event(item.event, item.outcome, enqueued)
+            for cache, count in enqueued.items():
+                stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
+                any_enqueued = True
+            log.info(
+                "event %s from %s: %s, %d path(s) queued%s",
+                item.path.name,
+                item.event.source,
+                item.outcome,
+                sum(enqueued.values()),
+                _describe_origin(item.event),
+            )
+        if any_enqueued:
+            self.on_enqueued()
+
+    def count_event(self, event: Event, outcome: str, enqueued: dict[str, int]) -> None:
+        """Update the event metrics for one recorded event."""
+        m = self.metrics
+        m.events_received.labels(event.source).inc()
+        m.last_event.labels(event.source).set(self.clock.time())
+        if outcome == "matched":
+            m.events_matched.labels(event.source).inc()
+        else:
+            m.events_ignored.labels(event.source, outcome).inc()
+        for cache, count in enqueued.items():
+            m.paths_enqueued.labels(cache).inc(count)
+
+    def _quarantine(self, path: Path, reason: str, message: str, stats: IngestStats) -> None:
+        try:
+            target = quarantine(self.layout, path, reason, message, self.clock.time())
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot quarantine %s (%s): %s", path.name, reason, exc.strerror)
+            return
+        stats.quarantined += 1
+        self.metrics.events_rejected.labels(reason).inc()
+        log.warning("quarantined %s as %s: %s (%s)", path.name, reason, message, target)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _describe_origin(event: Event) -> str:
+    if event.build_id is not None:
+        return f" (build {event.build_id} {event.project}:{event.jobset}:{event.job})"
+    if event.drv_path:
+        return f" ({event.drv_path})"
+    return ""

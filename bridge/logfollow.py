@@ -1,0 +1,171 @@
+"""Follow append-only log files and queue the store paths written to them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.clock import Clock
+from bridge.config import Config, LogSource
+from bridge.events import Event
+from bridge.matching import match_event
+from bridge.queue import LogOffset, Queue
+from bridge.storepath import is_store_path
+
+log = logging.getLogger(__name__)
+
+_STORE_PATH_TOKEN = re.compile(rb"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+")
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class _Follow:
+    source: LogSource
+    handle: int | None = None
+    device: int = 0
+    inode: int = 0
+    offset: int = 0
+
+
+def extract_store_paths(data: bytes) -> list[str]:
+    """Unique top-level store paths mentioned in data, in order of appearance."""
+    found: dict[str, None] = {}
+    for match in _STORE_PATH_TOKEN.finditer(data):
+        text = match.group().decode("ascii")
+        if text.endswith(".drv"):
+            continue
+        if is_store_path(text):
+            found[text] = None
+    return list(found)
+
+
+class LogFollower:
+    """Reads new complete lines of each log file; survives rename and truncate rotation."""
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        clock: Clock,
+        count_event: Callable[[Event, str, dict[str, int]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.clock = clock
+        self.count_event = count_event
+        self.follows = [_Follow(source) for source in config.log_sources]
+
+    def close(self) -> None:
+        """Close every open file."""
+        for follow in self.follows:
+            self._close(follow)
+
+    def readable(self) -> list[bool]:
+        """Whether each log source is currently open."""
+        return [follow.handle is not None for follow in self.follows]
+
+    def poll(self) -> dict[str, int]:
+        """Read what was appended since the last poll; return paths queued per cache."""
+        total: dict[str, int] = {}
+        for follow in self.follows:
+            for cache, count in self._poll_one(follow).items():
+                total[cache] = total.get(cache, 0) + count
+        return total
+
+    def _open(self, follow: _Follow) -> bool:
+        path = str(follow.source.path)
+        try:
+            handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        info = os.fstat(handle)
+        follow.handle, follow.device, follow.inode = handle, info.st_dev, info.st_ino
+        saved = self.queue.log_offset(path)
+        same_file = saved is not None and (saved.device, saved.inode) == (info.st_dev, info.st_ino)
+        follow.offset = saved.offset if same_file and saved and saved.offset <= info.st_size else 0
+        log.info("following %s from offset %d", path, follow.offset)
+        return True
+
+    def _close(self, follow: _Follow) -> None:
+        if follow.handle is not None:
+            os.close(follow.handle)
+            follow.handle = None
+
+    def _poll_one(self, follow: _Follow) -> dict[str, int]:
+        if follow.handle is None and not self._open(follow):
+            return {}
+        assert follow.handle is not None
+        queued = self._drain(follow)
+        # Rotation: the name now points at another file (rename) or the file shrank (truncate).
+        try:
+            current = os.stat(follow.source.path)
+        except FileNotFoundError:
+            return queued
+        if (current.st_dev, current.st_ino) != (follow.device, follow.inode):
+            log.info("%s was rotated; following the new file", follow.source.path)
+            self._close(follow)
+            if self._open(follow):
+                follow.offset = 0
+                self._save(follow)
+                for cache, count in self._drain(follow).items():
+                    queued[cache] = queued.get(cache, 0) + count
+        elif current.st_size < follow.offset:
+            log.info("%s was truncated; reading from the start", follow.source.path)
+            follow.offset = 0
+            self._save(follow)
+            for cache, count in self._drain(follow).items():
+                queued[cache] = queued.get(cache, 0) + count
+        return queued
+
+    def _save(self, follow: _Follow) -> None:
+        with self.queue.transaction():
+            self.queue.save_log_offset(
+                str(follow.source.path),
+                LogOffset(follow.device, follow.inode, follow.offset),
+                self.clock.time(),
+            )
+
+    def _drain(self, follow: _Follow) -> dict[str, int]:
+        assert follow.handle is not None
+        queued: dict[str, int] = {}
+        while True:
+            data = os.pread(follow.handle, READ_CHUNK, follow.offset)
+            end = data.rfind(b"\n")
+            if end < 0:
+                # No complete line; a single line longer than a chunk is skipped as garbage.
+                if len(data) == READ_CHUNK:
+                    follow.offset += len(data)
+                    self._save(follow)
+                    continue
+                return queued
+            complete = data[: end + 1]
+            paths = extract_store_paths(complete)
+            now = self.clock.time()
+            event = Event(source="log", received_at=now, out_paths=tuple(paths))
+            result = match_event(event, self.config.rules)
+            follow.offset += len(complete)
+            with self.queue.transaction():
+                enqueued: dict[str, int] = {}
+                if paths:
+                    enqueued = (
+                        self.queue.record_event(
+                            event,
+                            spool_name=None,
+                            outcome=result.ignored_reason or "matched",
+                            targets=result.targets,
+                            now=now,
+                        )
+                        or {}
+                    )
+                self.queue.save_log_offset(
+                    str(follow.source.path),
+                    LogOffset(follow.device, follow.inode, follow.offset),
+                    now,
+                )
+            if paths and self.count_event is not None:
+                self.count_event(event, result.ignored_reason or "matched", enqueued)
+            for cache, count in enqueued.items():
+                queued[cache] = queued.get(cache, 0) + count

@@ -1,0 +1,495 @@
+"""The durable SQLite queue of (cache, path) items and the record of events."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.events import Event
+
+STATES = ("pending", "inflight", "pushed", "skipped", "dead")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    spool_name TEXT UNIQUE,
+    source TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    build_id INTEGER,
+    project TEXT,
+    jobset TEXT,
+    job TEXT,
+    build_status INTEGER,
+    drv_path TEXT,
+    finished_at REAL,
+    outcome TEXT NOT NULL,
+    targets INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    cache TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'inflight', 'pushed', 'skipped', 'dead')),
+    event_id INTEGER,
+    source TEXT NOT NULL,
+    origin_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    batch_limit INTEGER,
+    updated_at REAL NOT NULL,
+    last_reason TEXT,
+    last_error TEXT,
+    UNIQUE (cache, path)
+);
+CREATE INDEX IF NOT EXISTS items_due ON items (cache, state, next_attempt_at, id);
+CREATE INDEX IF NOT EXISTS items_state_updated ON items (state, updated_at);
+CREATE TABLE IF NOT EXISTS cache_status (
+    cache TEXT PRIMARY KEY,
+    last_success_at REAL,
+    last_failure_at REAL,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS log_offsets (
+    path TEXT PRIMARY KEY,
+    device INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class QueueError(Exception):
+    """The queue database cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One claimed (cache, path) push."""
+
+    id: int
+    cache: str
+    path: str
+    attempts: int
+    origin_at: float
+    enqueued_at: float
+    event_id: int | None
+    source: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered item for `status`."""
+
+    id: int
+    cache: str
+    path: str
+    attempts: int
+    updated_at: float
+    reason: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """Per-cache summary for `status` and metrics."""
+
+    cache: str
+    counts: dict[str, int]
+    oldest_pending_at: float | None
+    last_success_at: float | None
+    last_failure_at: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class LogOffset:
+    """Where the log follower stopped reading one file."""
+
+    device: int
+    inode: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an item came from (for per-jobset metrics and logs)."""
+
+    build_id: int | None
+    project: str | None
+    jobset: str | None
+    job: str | None
+
+
+def open_database(path: Path, *, timeout: float = 30.0, shared: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) the queue database in WAL mode with a durable sync level."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            path, timeout=timeout, isolation_level=None, check_same_thread=not shared
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        conn.executescript(_SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise QueueError(
+            f"cannot open queue database {path}: {exc}. If the file is corrupt, stop the daemon, "
+            f"move {path} (and its -wal/-shm files) aside and start again; event files still in "
+            "the spool are re-read, paths already taken from the spool are lost with the file"
+        ) from None
+    except OSError as exc:
+        raise QueueError(f"cannot open queue database {path}: {exc.strerror}") from None
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        conn.close()
+        raise QueueError(
+            f"queue database {path} has schema {row and row[0]}, "
+            f"this version needs {SCHEMA_VERSION}"
+        )
+    return conn
+
+
+class Queue:
+    """All reads and writes of the queue database; one instance per thread."""
+
+    def __init__(self, path: Path, *, timeout: float = 30.0, shared: bool = False) -> None:
+        self.path = path
+        self.conn = open_database(path, timeout=timeout, shared=shared)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on error."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def seen_spool_file(self, name: str) -> bool:
+        """True if an event file of this name was already recorded."""
+        row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (name,)).fetchone()
+        return row is not None
+
+    def record_event(
+        self,
+        event: Event,
+        *,
+        spool_name: str | None,
+        outcome: str,
+        targets: Sequence[tuple[str, str]],
+        now: float,
+    ) -> dict[str, int] | None:
+        """Record an event and enqueue its targets (call inside transaction()).
+
+        Returns the number of newly queued paths per cache, or None when this spool file
+        was recorded before (a re-read after a crash between commit and unlink).
+        """
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO events (spool_name, source, received_at, recorded_at, build_id,"
+            " project, jobset, job, build_status, drv_path, finished_at, outcome, targets)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                spool_name,
+                event.source,
+                event.received_at,
+                now,
+                event.build_id,
+                event.project,
+                event.jobset,
+                event.job,
+                event.build_status,
+                event.drv_path,
+                event.finished_at,
+                outcome,
+                len(targets),
+            ),
+        )
+        if cur.rowcount == 0:
+            return None
+        event_id = cur.lastrowid
+        origin = event.finished_at if event.finished_at is not None else event.received_at
+        enqueued: dict[str, int] = {}
+        for cache, path in targets:
+            cur = self.conn.execute(
+                "INSERT INTO items (cache, path, state, event_id, source, origin_at, enqueued_at,"
+                " attempts, next_attempt_at, updated_at)"
+                " VALUES (?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?)"
+                " ON CONFLICT (cache, path) DO UPDATE SET state = 'pending', attempts = 0,"
+                " event_id = excluded.event_id, source = excluded.source,"
+                " origin_at = excluded.origin_at, enqueued_at = excluded.enqueued_at,"
+                " next_attempt_at = excluded.next_attempt_at, batch_limit = NULL,"
+                " updated_at = excluded.updated_at, last_reason = NULL, last_error = NULL"
+                " WHERE items.state IN ('dead', 'skipped')",
+                (cache, path, event_id, event.source, origin, now, now, now),
+            )
+            if cur.rowcount:
+                enqueued[cache] = enqueued.get(cache, 0) + 1
+        return enqueued
+
+    # -- workers --------------------------------------------------------------------------
+
+    def claim(self, cache: str, batch_size: int, now: float) -> list[Item]:
+        """Take up to batch_size due items of a cache, honouring per-item split limits."""
+        with self.transaction():
+            rows = self.conn.execute(
+                "SELECT id, path, attempts, origin_at, enqueued_at, event_id, source, batch_limit"
+                " FROM items WHERE cache = ? AND state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, id LIMIT ?",
+                (cache, now, batch_size),
+            ).fetchall()
+            batch: list[Item] = []
+            cap = batch_size
+            for row in rows:
+                limit = row[7] if row[7] is not None else batch_size
+                # Every item in a batch must allow a batch at least this large.
+                if batch and len(batch) + 1 > min(cap, limit):
+                    break
+                cap = min(cap, limit)
+                batch.append(Item(row[0], cache, row[1], row[2], row[3], row[4], row[5], row[6]))
+            if batch:
+                self.conn.executemany(
+                    "UPDATE items SET state = 'inflight', updated_at = ? WHERE id = ?",
+                    [(now, item.id) for item in batch],
+                )
+        return batch
+
+    def next_due_at(self, cache: str) -> float | None:
+        """When the next pending item of a cache becomes due."""
+        row = self.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM items WHERE cache = ? AND state = 'pending'",
+            (cache,),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def mark_pushed(self, items: Iterable[Item], now: float) -> None:
+        """Items arrived in their cache."""
+        items = list(items)
+        if not items:
+            return
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE items SET state = 'pushed', updated_at = ?, last_reason = NULL,"
+                " last_error = NULL WHERE id = ?",
+                [(now, item.id) for item in items],
+            )
+            self.conn.execute(
+                "INSERT INTO cache_status (cache, last_success_at) VALUES (?, ?)"
+                " ON CONFLICT (cache) DO UPDATE SET last_success_at = excluded.last_success_at",
+                (items[0].cache, now),
+            )
+
+    def mark_skipped(self, items: Iterable[Item], reason: str, message: str, now: float) -> None:
+        """Items that will never be pushed, with the reason (e.g. garbage-collected)."""
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE items SET state = 'skipped', updated_at = ?, last_reason = ?,"
+                " last_error = ? WHERE id = ?",
+                [(now, reason, message, item.id) for item in items],
+            )
+
+    def mark_failed(
+        self,
+        groups: Sequence[tuple[Sequence[Item], float]],
+        *,
+        reason: str,
+        error: str,
+        max_attempts: int,
+        now: float,
+    ) -> list[Item]:
+        """Record a failed push of the union of groups; return the items dead-lettered.
+
+        Each group is (items, next attempt time). A group of several items keeps its size as
+        the batch limit, so a failing batch is retried split; a single item is dead-lettered
+        once its attempts reach max_attempts.
+        """
+        dead: list[Item] = []
+        with self.transaction():
+            for items, retry_at in groups:
+                limit = len(items)
+                for item in items:
+                    attempts = item.attempts + 1
+                    if limit == 1 and attempts >= max_attempts:
+                        dead.append(item)
+                        self.conn.execute(
+                            "UPDATE items SET state = 'dead', attempts = ?, updated_at = ?,"
+                            " last_reason = ?, last_error = ? WHERE id = ?",
+                            (attempts, now, reason, error, item.id),
+                        )
+                    else:
+                        self.conn.execute(
+                            "UPDATE items SET state = 'pending', attempts = ?, updated_at = ?,"
+                            " next_attempt_at = ?, batch_limit = ?, last_reason = ?,"
+                            " last_error = ? WHERE id = ?",
+                            (attempts, now, retry_at, limit, reason, error, item.id),
+                        )
+            cache = next((items[0].cache for items, _ in groups if items), None)
+            if cache is not None:
+                self.conn.execute(
+                    "INSERT INTO cache_status (cache, last_failure_at, last_error) VALUES (?, ?, ?)"
+                    " ON CONFLICT (cache) DO UPDATE SET last_failure_at = excluded.last_failure_at,"
+                    " last_error = excluded.last_error",
+                    (cache, now, error),
+                )
+        return dead
+
+    def release(self, items: Iterable[Item], now: float) -> None:
+        """Put claimed items back as pending without counting an attempt."""
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE items SET state = 'pending', updated_at = ?"
+                " WHERE id = ? AND state = 'inflight'",
+                [(now, item.id) for item in items],
+            )
+
+    def release_all_inflight(self, now: float) -> int:
+        """At start: items a previous process claimed but never finished become pending."""
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE items SET state = 'pending', updated_at = ? WHERE state = 'inflight'",
+                (now,),
+            )
+        return cur.rowcount
+
+    def retry_dead(self, ids: Sequence[int] | None, now: float) -> int:
+        """Put dead-lettered items (all, or those ids) back in the queue; return how many."""
+        sql = (
+            "UPDATE items SET state = 'pending', attempts = 0, batch_limit = NULL,"
+            " next_attempt_at = ?, updated_at = ? WHERE state = 'dead'"
+        )
+        with self.transaction():
+            if ids is None:
+                return self.conn.execute(sql, (now, now)).rowcount
+            return sum(
+                self.conn.execute(sql + " AND id = ?", (now, now, item_id)).rowcount
+                for item_id in ids
+            )
+
+    def origin(self, event_id: int | None) -> Origin:
+        """Build id and project/jobset/job of the event that queued an item."""
+        row = None
+        if event_id is not None:
+            row = self.conn.execute(
+                "SELECT build_id, project, jobset, job FROM events WHERE id = ?", (event_id,)
+            ).fetchone()
+        return Origin(*row) if row else Origin(None, None, None, None)
+
+    def prune(self, before: float) -> int:
+        """Forget pushed and skipped items, and events, older than `before`."""
+        with self.transaction():
+            removed = self.conn.execute(
+                "DELETE FROM items WHERE state IN ('pushed', 'skipped') AND updated_at < ?",
+                (before,),
+            ).rowcount
+            self.conn.execute(
+                "DELETE FROM events WHERE recorded_at < ? AND id NOT IN"
+                " (SELECT event_id FROM items WHERE event_id IS NOT NULL)",
+                (before,),
+            )
+        return removed
+
+    # -- log follower ---------------------------------------------------------------------
+
+    def log_offset(self, path: str) -> LogOffset | None:
+        """The saved position in a followed log file."""
+        row = self.conn.execute(
+            "SELECT device, inode, offset FROM log_offsets WHERE path = ?", (path,)
+        ).fetchone()
+        return LogOffset(*row) if row else None
+
+    def save_log_offset(self, path: str, offset: LogOffset, now: float) -> None:
+        """Save the position (call inside the transaction that queued what was read)."""
+        self.conn.execute(
+            "INSERT INTO log_offsets (path, device, inode, offset, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (path) DO UPDATE SET device = excluded.device, inode = excluded.inode,"
+            " offset = excluded.offset, updated_at = excluded.updated_at",
+            (path, offset.device, offset.inode, offset.offset, now),
+        )
+
+    # -- status ---------------------------------------------------------------------------
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of items per (cache, state)."""
+        return {
+            (cache, state): count
+            for cache, state, count in self.conn.execute(
+                "SELECT cache, state, COUNT(*) FROM items GROUP BY cache, state"
+            )
+        }
+
+    def oldest_pending(self) -> dict[str, float]:
+        """Enqueue time of the oldest pending or in-flight item per cache."""
+        result: dict[str, float] = {}
+        for state in ("pending", "inflight"):
+            for cache, oldest in self.conn.execute(
+                "SELECT cache, MIN(enqueued_at) FROM items WHERE state = ? GROUP BY cache",
+                (state,),
+            ):
+                result[cache] = min(oldest, result.get(cache, oldest))
+        return result
+
+    def cache_statuses(self, caches: Iterable[str]) -> list[CacheStatus]:
+        """Per-cache counts, oldest pending and last success and failure."""
+        counts = self.counts()
+        oldest = self.oldest_pending()
+        known = {
+            row[0]: row[1:]
+            for row in self.conn.execute(
+                "SELECT cache, last_success_at, last_failure_at, last_error FROM cache_status"
+            )
+        }
+        names = list(dict.fromkeys([*caches, *(c for c, _ in counts), *known]))
+        return [
+            CacheStatus(
+                cache=name,
+                counts={state: counts.get((name, state), 0) for state in STATES},
+                oldest_pending_at=oldest.get(name),
+                last_success_at=known.get(name, (None, None, None))[0],
+                last_failure_at=known.get(name, (None, None, None))[1],
+                last_error=known.get(name, (None, None, None))[2],
+            )
+            for name in names
+        ]
+
+    def dead_letters(self, limit: int = 10) -> list[DeadLetter]:
+        """The most recently dead-lettered items."""
+        return [
+            DeadLetter(*row)
+            for row in self.conn.execute(
+                "SELECT id, cache, path, attempts, updated_at, last_reason, last_error FROM items"
+                " WHERE state = 'dead' ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def event_count(self) -> int:
+        """Number of recorded events (for tests and status)."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def ping(self) -> bool:
+        """True when the database answers a query."""
+        try:
+            self.conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True

@@ -1,0 +1,193 @@
+"""Human and JSON renderings of the effective config and of the queue status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from bridge.config import Config
+from bridge.queue import CacheStatus, DeadLetter
+from bridge.secrets import SecretError, read_secret
+
+
+def mask_uri(uri: str) -> str:
+    """Hide a password in a URI's user info."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _secret_note(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        read_secret(path)
+    except SecretError as exc:
+        return f"  # NOT READABLE: {exc}"
+    return "  # readable; content not shown"
+
+
+def render_config(config: Config) -> str:
+    """The effective config as TOML, with secrets never read into the output."""
+    lines = [
+        f"# effective configuration ({config.source_file or 'embedded defaults'})",
+        f"state_dir = {_toml_value(config.state_dir)}",
+        f"spool_dir = {_toml_value(config.spool_dir)}",
+        f"log_level = {_toml_value(config.log_level)}",
+        f"retention_days = {_toml_value(config.retention_days)}",
+        f"log_poll_seconds = {_toml_value(config.log_poll_seconds)}",
+        "",
+        "[push]",
+    ]
+    for key, value in vars(config.push).items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[spool]"]
+    for key, value in vars(config.spool).items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[metrics]"]
+    for key, value in vars(config.metrics).items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, cache in config.caches.items():
+        lines += ["", f"[caches.{json.dumps(name) if not name.isidentifier() else name}]"]
+        for key, value in vars(cache).items():
+            if key == "name" or value is None or value == ():
+                continue
+            if key == "uri":
+                value = mask_uri(str(value))
+            secret_file = key in ("auth_token_file", "signing_key_file", "cachix_config")
+            note = _secret_note(value) if secret_file else ""
+            lines.append(f"{key} = {_toml_value(value)}{note}")
+    for rule in config.rules:
+        lines += ["", "[[rules]]", f"caches = {_toml_value(rule.caches)}"]
+        if rule.jobs:
+            lines.append(f"jobs = {_toml_value([str(j) for j in rule.jobs])}")
+        lines.append(f"sources = {_toml_value(rule.sources)}")
+        lines.append(f"build_statuses = {_toml_value(rule.build_statuses)}")
+        if rule.exclude:
+            lines.append(f"exclude = {_toml_value(rule.exclude)}")
+    for source in config.log_sources:
+        lines += ["", "[[log_sources]]", f"path = {_toml_value(source.path)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _age(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    s = max(0, int(now - then))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
+
+
+def status_document(
+    statuses: Sequence[CacheStatus], dead: Sequence[DeadLetter], now: float, daemon_running: bool
+) -> dict[str, Any]:
+    """The status as a JSON-ready document."""
+    return {
+        "daemon_running": daemon_running,
+        "time": now,
+        "caches": [
+            {
+                "cache": s.cache,
+                "counts": s.counts,
+                "oldest_pending_age_seconds": (
+                    None if s.oldest_pending_at is None else max(0.0, now - s.oldest_pending_at)
+                ),
+                "last_success_at": s.last_success_at,
+                "last_failure_at": s.last_failure_at,
+                "last_error": s.last_error,
+            }
+            for s in statuses
+        ],
+        "dead_letters": [
+            {
+                "id": d.id,
+                "cache": d.cache,
+                "path": d.path,
+                "attempts": d.attempts,
+                "dead_at": d.updated_at,
+                "reason": d.reason,
+                "error": d.error,
+            }
+            for d in dead
+        ],
+    }
+
+
+def render_status(
+    statuses: Sequence[CacheStatus], dead: Sequence[DeadLetter], now: float, daemon_running: bool
+) -> str:
+    """The status as a table for people."""
+    lines = [f"daemon: {'running' if daemon_running else 'not running'}", ""]
+    header = (
+        "cache",
+        "pending",
+        "in flight",
+        "pushed",
+        "skipped",
+        "dead",
+        "oldest pending",
+        "last success",
+        "last failure",
+    )
+    rows = [header]
+    for s in statuses:
+        c = s.counts
+        rows.append(
+            (
+                s.cache,
+                str(c["pending"]),
+                str(c["inflight"]),
+                str(c["pushed"]),
+                str(c["skipped"]),
+                str(c["dead"]),
+                "-"
+                if s.oldest_pending_at is None
+                else _age(now, s.oldest_pending_at).removesuffix(" ago"),
+                _age(now, s.last_success_at),
+                _age(now, s.last_failure_at),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    for s in statuses:
+        if s.last_error and (s.last_failure_at or 0) >= (s.last_success_at or 0):
+            lines.append(f"last error for {s.cache}: {s.last_error}")
+    if dead:
+        lines += [
+            "",
+            "most recent dead letters (retry with `hydra-cachix-bridge retry ID` or `--all`):",
+        ]
+        for d in dead:
+            lines.append(
+                f"  #{d.id} {d.cache} {d.path} ({d.attempts} attempts, "
+                f"{_age(now, d.updated_at)}): {d.reason}: {d.error}"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,42 @@
+"""Read secret files at push time; keep their contents out of everything we print."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+
+
+class SecretError(Exception):
+    """A secret file could not be read; the message names the file, never its content."""
+
+
+def resolve_secret_path(path: Path) -> Path:
+    """Relative secret names are looked up in systemd's $CREDENTIALS_DIRECTORY when set."""
+    if path.is_absolute():
+        return path
+    credentials = os.environ.get(CREDENTIALS_ENV)
+    return Path(credentials) / path if credentials else path.absolute()
+
+
+def read_secret(path: Path) -> str:
+    """Return the stripped content of a secret file."""
+    resolved = resolve_secret_path(path)
+    try:
+        value = resolved.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SecretError(f"cannot read secret file {resolved}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecretError(f"secret file {resolved} is not UTF-8 text") from None
+    if not value:
+        raise SecretError(f"secret file {resolved} is empty")
+    return value
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Replace every occurrence of each secret in text."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    return text

@@ -1,0 +1,185 @@
+"""The spool: atomic event writes by producers, safe reads and quarantine by the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.events import EventRejected
+
+INCOMING = "incoming"
+TMP = "tmp"
+QUARANTINE = "quarantine"
+
+
+class SpoolUnavailable(Exception):
+    """A producer could not record an event (spool missing, unwritable, disk full)."""
+
+
+@dataclass(frozen=True)
+class SpoolLayout:
+    """The three directories under the spool root."""
+
+    root: Path
+
+    @property
+    def incoming(self) -> Path:
+        """Complete event files waiting for the daemon."""
+        return self.root / INCOMING
+
+    @property
+    def tmp(self) -> Path:
+        """Where producers write before renaming into incoming (same filesystem)."""
+        return self.root / TMP
+
+    @property
+    def quarantine(self) -> Path:
+        """Rejected event files, each with a `.reason` file beside it."""
+        return self.root / QUARANTINE
+
+    def ensure(self, group_writable: bool = False) -> None:
+        """Create the directories (daemon side) with restrictive modes."""
+        # Group-writable spools are setgid (files keep the group) and sticky (producers
+        # cannot remove or replace each other's files; the owning daemon still can).
+        mode = 0o3770 if group_writable else 0o700
+        for directory in (self.root, self.incoming, self.tmp):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, mode)
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.quarantine, mode)
+
+    def is_alive(self) -> bool:
+        """True while the incoming directory exists."""
+        return self.incoming.is_dir()
+
+
+def event_file_name(kind: str) -> str:
+    """A unique name for a new event file: kind, time, pid and random bits."""
+    return f"{kind}-{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}.json"
+
+
+def write_event(layout: SpoolLayout, kind: str, document: Any) -> Path:
+    """Write one event atomically (tmp, fsync, rename into incoming); raise SpoolUnavailable."""
+    name = event_file_name(kind)
+    data = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    tmp = layout.tmp / name
+    target = layout.incoming / name
+    if not layout.incoming.is_dir() or not layout.tmp.is_dir():
+        raise SpoolUnavailable(
+            f"spool {layout.root} is missing {INCOMING}/ or {TMP}/ (has the daemon run once?)"
+        )
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise SpoolUnavailable(f"cannot write event to {layout.root}: {_describe(exc)}") from None
+    return target
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    return exc.strerror or str(exc)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def is_candidate(name: str) -> bool:
+    """True for names the daemon should read; dotfiles and `.tmp` names are in progress."""
+    return not name.startswith(".") and not name.endswith((".tmp", ".reason"))
+
+
+@dataclass(frozen=True)
+class EventFile:
+    """The raw bytes of one event file and its modification time."""
+
+    path: Path
+    data: bytes
+    mtime: float
+
+
+def read_event_file(path: Path, max_bytes: int) -> EventFile:
+    """Read a regular, non-symlink event file up to max_bytes; raise EventRejected otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EventRejected("not_regular_file", "event file is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise EventRejected("not_regular_file", "event file is not a regular file")
+        if info.st_size > max_bytes:
+            raise EventRejected(
+                "too_large", f"event file is {info.st_size} bytes, limit is {max_bytes}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise EventRejected("too_large", f"event file grew beyond {max_bytes} bytes")
+            chunks.append(chunk)
+        return EventFile(path=path, data=b"".join(chunks), mtime=info.st_mtime)
+    finally:
+        os.close(fd)
+
+
+def quarantine(layout: SpoolLayout, path: Path, reason: str, message: str, now: float) -> Path:
+    """Move a rejected file (never following links) into quarantine with a `.reason` file."""
+    layout.quarantine.mkdir(parents=True, exist_ok=True)
+    base = path.name if is_candidate(path.name) else f"_{path.name.lstrip('.')}"
+    target = layout.quarantine / base
+    counter = 1
+    while os.path.lexists(target) or os.path.lexists(f"{target}.reason"):
+        target = layout.quarantine / f"{base}.{counter}"
+        counter += 1
+    os.rename(path, target)
+    _write_reason(target, path.name, reason, message, now)
+    return target
+
+
+def _write_reason(target: Path, original: str, reason: str, message: str, now: float) -> None:
+    record = {"file": original, "reason": reason, "message": message, "quarantined_at": now}
+    fd = os.open(f"{target}.reason", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+
+
+def quarantine_bytes(
+    layout: SpoolLayout, kind: str, data: bytes, reason: str, message: str, now: float
+) -> Path:
+    """Save rejected producer input straight into quarantine with its `.reason` file."""
+    target = layout.quarantine / event_file_name(kind)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    _write_reason(target, target.name, reason, message, now)
+    return target

@@ -1,0 +1,262 @@
+"""Push workers: claim batches per cache, run the backend, record the outcome, retry or split."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from bridge.backends import Backend, PushOutcome
+from bridge.clock import Clock
+from bridge.config import CacheConfig, PushSettings
+from bridge.queue import Item, Queue
+from bridge.store import NixStore, StoreQueryError
+from exporter.metrics import BridgeMetrics
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("invalid_path",)
+IDLE_POLL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Exponential backoff with jitter: initial·2^(n-1), capped, scaled by 0.5 to 1.0."""
+
+    initial: float
+    maximum: float
+    rng: random.Random
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the attempts-th failure."""
+        base = min(self.maximum, self.initial * 2.0 ** max(0, attempts - 1))
+        return base * (0.5 + 0.5 * self.rng.random())
+
+
+def parallel_limits(caches: Mapping[str, CacheConfig], workers: int) -> dict[str, int]:
+    """Pushes allowed at once per cache; by default one cache can never take every worker."""
+    default = max(1, workers - (len(caches) - 1))
+    return {name: cache.max_parallel or default for name, cache in caches.items()}
+
+
+class PushWorkers:
+    """A pool of threads that drain the queue, fairly across caches."""
+
+    def __init__(
+        self,
+        *,
+        settings: PushSettings,
+        caches: Mapping[str, CacheConfig],
+        backends: Mapping[str, Backend],
+        queue_factory: Callable[[], Queue],
+        store: NixStore,
+        metrics: BridgeMetrics,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.caches = dict(caches)
+        self.backends = dict(backends)
+        self.queue_factory = queue_factory
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.backoff = BackoffPolicy(
+            settings.backoff_initial_seconds, settings.backoff_max_seconds, rng or random.Random()
+        )
+        self.limits = parallel_limits(caches, settings.workers)
+        self.stopping = threading.Event()
+        self.cancel = threading.Event()
+        self._wakeup = threading.Condition()
+        self._woken = False
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = dict.fromkeys(caches, 0)
+        self._next_cache = 0
+        self._threads: list[threading.Thread] = []
+        self.busy = 0
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        for index in range(self.settings.workers):
+            thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New work may be due: wake idle workers."""
+        with self._wakeup:
+            self._woken = True
+            self._wakeup.notify_all()
+
+    def stop(self, grace: float) -> bool:
+        """Stop claiming; let running pushes finish within grace, then kill them.
+
+        Returns True when every push finished within the grace period.
+        """
+        self.stopping.set()
+        self.wake()
+        deadline = self.clock.monotonic() + grace
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - self.clock.monotonic()))
+        clean = not any(thread.is_alive() for thread in self._threads)
+        if not clean:
+            log.warning("shutdown grace of %.0fs over: killing running pushes", grace)
+            self.cancel.set()
+            for thread in self._threads:
+                thread.join(timeout=30)
+        return clean
+
+    # -- worker loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        queue = self.queue_factory()
+        try:
+            while not self.stopping.is_set():
+                claimed = self._claim(queue)
+                if claimed is None:
+                    self._idle(queue)
+                    continue
+                cache, items = claimed
+                try:
+                    self._push(queue, cache, items)
+                except Exception:
+                    log.exception("unexpected error pushing to %s; items stay queued", cache)
+                    queue.release(items, self.clock.time())
+                finally:
+                    with self._lock:
+                        self._running[cache] -= 1
+                        self.busy -= 1
+        finally:
+            queue.close()
+
+    def _claim(self, queue: Queue) -> tuple[str, list[Item]] | None:
+        names = list(self.caches)
+        for offset in range(len(names)):
+            with self._lock:
+                cache = names[(self._next_cache + offset) % len(names)]
+                if self._running[cache] >= self.limits[cache]:
+                    continue
+                self._running[cache] += 1
+                self.busy += 1
+            items = queue.claim(cache, self.settings.batch_size, self.clock.time())
+            if items:
+                with self._lock:
+                    self._next_cache = (self._next_cache + offset + 1) % len(names)
+                return cache, items
+            with self._lock:
+                self._running[cache] -= 1
+                self.busy -= 1
+        return None
+
+    def _idle(self, queue: Queue) -> None:
+        now = self.clock.time()
+        due = [d for d in (queue.next_due_at(c) for c in self.caches) if d is not None]
+        timeout = IDLE_POLL_SECONDS
+        if due:
+            timeout = min(timeout, max(0.01, min(due) - now))
+        with self._wakeup:
+            if not self._woken and not self.stopping.is_set():
+                self._wakeup.wait(timeout)
+            self._woken = False
+
+    def _push(self, queue: Queue, cache: str, items: list[Item]) -> None:
+        backend = self.backends[cache]
+        config = self.caches[cache]
+        m = self.metrics
+        items = self._drop_invalid(queue, cache, items)
+        if not items:
+            return
+        paths = [item.path for item in items]
+        try:
+            sizes = self.store.nar_sizes(paths)
+        except StoreQueryError:
+            sizes = {}
+        m.pushes_started.labels(cache, config.backend).inc()
+        log.info("pushing %d path(s) to %s (%s)", len(paths), cache, config.backend)
+        outcome = backend.push(paths, self.settings.timeout_seconds, self.cancel)
+        now = self.clock.time()
+        m.push_duration.labels(cache).observe(outcome.duration)
+        if outcome.ok:
+            queue.mark_pushed(items, now)
+            m.pushes_succeeded.labels(cache, config.backend).inc()
+            m.paths_pushed.labels(cache).inc(len(items))
+            m.bytes_pushed.labels(cache).inc(sum(sizes.get(p, 0) for p in paths))
+            m.last_success.labels(cache).set(now)
+            for item in items:
+                m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
+            log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
+        elif outcome.cancelled:
+            queue.release(items, now)
+            log.warning(
+                "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
+            )
+        else:
+            self._failed(queue, cache, config, items, outcome, now)
+
+    def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
+        try:
+            invalid = self.store.invalid_paths([item.path for item in items])
+        except StoreQueryError as exc:
+            log.warning("cannot check store validity (%s); pushing anyway", exc)
+            return items
+        if not invalid:
+            return items
+        gone = [item for item in items if item.path in invalid]
+        queue.mark_skipped(
+            gone,
+            "invalid_path",
+            "not valid in the local store (garbage-collected?)",
+            self.clock.time(),
+        )
+        self.metrics.paths_skipped.labels(cache, "invalid_path").inc(len(gone))
+        for item in gone:
+            log.warning("skipping %s for %s: no longer valid in the store", item.path, cache)
+        return [item for item in items if item.path not in invalid]
+
+    def _failed(
+        self,
+        queue: Queue,
+        cache: str,
+        config: CacheConfig,
+        items: Sequence[Item],
+        outcome: PushOutcome,
+        now: float,
+    ) -> None:
+        reason = outcome.reason or "exit_status"
+        error = outcome.error or reason
+        attempts = max(item.attempts for item in items) + 1
+        halves = (
+            [list(items)]
+            if len(items) == 1
+            else [list(items[: (len(items) + 1) // 2]), list(items[(len(items) + 1) // 2 :])]
+        )
+        groups = [(half, now + self.backoff.delay(attempts)) for half in halves]
+        dead = queue.mark_failed(
+            groups, reason=reason, error=error, max_attempts=self.settings.max_attempts, now=now
+        )
+        m = self.metrics
+        m.pushes_failed.labels(cache, config.backend, reason).inc()
+        m.paths_failed.labels(cache, reason).inc(len(items))
+        m.last_failure.labels(cache).set(now)
+        m.retries.labels(cache).inc(len(items) - len(dead))
+        m.dead_letters.labels(cache).inc(len(dead))
+        split = f", split into {len(halves)} batches" if len(halves) > 1 else ""
+        log.warning(
+            "push of %d path(s) to %s failed (%s, attempt %d%s): %s",
+            len(items),
+            cache,
+            reason,
+            attempts,
+            split,
+            error,
+        )
+        for item in dead:
+            log.error(
+                "dead-lettered %s for %s after %d attempts: %s",
+                item.path,
+                cache,
+                item.attempts + 1,
+                error,
+            )

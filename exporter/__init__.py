@@ -1,0 +1,1 @@
+"""Prometheus side of hydra-cachix-bridge: metric definitions and HTTP exposition."""
