@@ -318,17 +318,20 @@ class Queue:
     ) -> list[Item]:
         """Record a failed push of the union of groups; return the items dead-lettered.
 
-        Each group is (items, next attempt time). A group of several items keeps its size as
-        the batch limit, so a failing batch is retried split; a single item is dead-lettered
-        once its attempts reach max_attempts.
+        Each group is (items, next attempt time). A group keeps its size as the batch limit,
+        so a failing batch is retried split; a path that failed alone is dead-lettered once
+        its attempts reach max_attempts.
         """
         dead: list[Item] = []
+        # Only a path that failed alone is known to be at fault; batch-mates of a poison
+        # path are split off and retried, never dead-lettered for its failures.
+        alone = sum(len(items) for items, _ in groups) == 1
         with self.transaction():
             for items, retry_at in groups:
                 limit = len(items)
                 for item in items:
                     attempts = item.attempts + 1
-                    if limit == 1 and attempts >= max_attempts:
+                    if alone and attempts >= max_attempts:
                         dead.append(item)
                         self.conn.execute(
                             "UPDATE items SET state = 'dead', attempts = ?, updated_at = ?,"

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nixhelpers import OFFLINE  # noqa: E402
+from nixhelpers import OFFLINE
 
 FAKES = Path(__file__).parent / "fakes"
 
