@@ -165,14 +165,9 @@ class PushWorkers:
         backend = self.backends[cache]
         config = self.caches[cache]
         m = self.metrics
-        items = self._drop_invalid(queue, cache, items)
-        if not items:
-            return
         paths = [item.path for item in items]
-        try:
-            sizes = self.store.nar_sizes(paths)
-        except StoreQueryError:
-            sizes = {}
+        # No store query before the push: it would delay every push for the rare
+        # garbage-collected path, which is found after a failure instead.
         m.pushes_started.labels(cache, config.backend).inc()
         log.info("pushing %d path(s) to %s (%s)", len(paths), cache, config.backend)
         outcome = backend.push(paths, self.settings.timeout_seconds, self.cancel)
@@ -182,24 +177,38 @@ class PushWorkers:
             queue.mark_pushed(items, now)
             m.pushes_succeeded.labels(cache, config.backend).inc()
             m.paths_pushed.labels(cache).inc(len(items))
-            m.bytes_pushed.labels(cache).inc(sum(sizes.get(p, 0) for p in paths))
             m.last_success.labels(cache).set(now)
             for item in items:
                 m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
             log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
+            m.bytes_pushed.labels(cache).inc(sum(self._sizes(paths).values()))
         elif outcome.cancelled:
             queue.release(items, now)
             log.warning(
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
         else:
-            self._failed(queue, cache, config, items, outcome, now)
+            valid = self._drop_invalid(queue, cache, items)
+            if len(valid) < len(items):
+                # The failure is explained by paths that are gone: retry the rest at once,
+                # without counting an attempt against them.
+                m.pushes_failed.labels(cache, config.backend, "invalid_path").inc()
+                queue.release(valid, now)
+            else:
+                self._failed(queue, cache, config, items, outcome, now)
+
+    def _sizes(self, paths: list[str]) -> dict[str, int]:
+        try:
+            return self.store.nar_sizes(paths)
+        except StoreQueryError as exc:
+            log.debug("cannot read NAR sizes: %s", exc)
+            return {}
 
     def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
         try:
             invalid = self.store.invalid_paths([item.path for item in items])
         except StoreQueryError as exc:
-            log.warning("cannot check store validity (%s); pushing anyway", exc)
+            log.warning("cannot check store validity: %s", exc)
             return items
         if not invalid:
             return items

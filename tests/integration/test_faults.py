@@ -213,7 +213,12 @@ def test_garbage_collected_path_is_skipped_not_retried(
     wait_for(lambda: daemon.counts("c").get("skipped") == 1, message="skipped")
     assert daemon.metric("hydra_cachix_bridge_paths_skipped_total", cache="c",
                          reason="invalid_path") == 1
-    assert daemon.metric("hydra_cachix_bridge_pushes_started_total", cache="c") == 0
+    # The failed push revealed the missing path; it is never tried again.
+    assert daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="c",
+                         reason="invalid_path") == 1
+    time.sleep(1)
+    assert daemon.metric("hydra_cachix_bridge_pushes_started_total", cache="c") == 1
+    assert daemon.counts("c")["pending"] == 0
 
 
 def test_spool_directory_removed_is_noticed_and_restored(

@@ -1,0 +1,126 @@
+"""Producer cost and detection latency on this machine (the figures of the core issue).
+
+Run by hand: `python bench/core_figures.py [--runs 50]`. Prints medians; never part of tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.config import load_config  # noqa: E402
+from bridge.events import hydra_envelope  # noqa: E402
+from bridge.hookscript import render_hook_script  # noqa: E402
+from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
+from tests.nixhelpers import build, hydra_payload, offline_env  # noqa: E402
+
+STAMP_BACKEND = """#!/bin/sh
+# An instant backend: note when the push started, read the paths, succeed.
+date +%s.%N >> "$STAMPS"
+cat > /dev/null
+exit 0
+"""
+
+
+def timed(args: list[str], env: dict[str, str], runs: int) -> list[float]:
+    """Wall times of `runs` sequential runs of args."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def ms(values: list[float]) -> str:
+    """Median and p90 in milliseconds."""
+    ordered = sorted(values)
+    return (f"median {statistics.median(ordered) * 1000:.1f} ms, "
+            f"p90 {ordered[int(len(ordered) * 0.9) - 1] * 1000:.1f} ms")
+
+
+def main() -> None:
+    """Measure and print."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=50)
+    runs = parser.parse_args().runs
+    work = Path(tempfile.mkdtemp(prefix="hcb-bench-"))
+    stamps = work / "stamps"
+    backend = work / "stamp-backend"
+    backend.write_text(STAMP_BACKEND)
+    backend.chmod(0o755)
+    config_file = work / "bridge.toml"
+    config_file.write_text(
+        f'state_dir = "{work / "state"}"\nlog_level = "warning"\n[metrics]\nenabled = false\n'
+        f'[caches.instant]\nbackend = "cachix"\nexecutable = "{backend}"\n'
+    )
+    config = load_config(config_file)
+    layout = SpoolLayout(config.spool_dir)
+    layout.ensure()
+    env = offline_env({"STAMPS": str(stamps)})
+    (item,) = build(work, 1, prefix="hcb-bench")
+
+    payload = work / "payload.json"
+    payload.write_text(json.dumps(hydra_payload(1, item)))
+    cli = [sys.executable, "-m", "bridge", "enqueue-hydra", "--config", str(config_file),
+           "--json-file", str(payload)]
+    bare = timed([sys.executable, "-c", "pass"], env, runs)
+    enqueue = timed(cli, env, runs)
+
+    hook = work / "hook.sh"
+    hook.write_text(render_hook_script(layout))
+    hook.chmod(0o755)
+    hook_env = dict(env, DRV_PATH=item.drv, OUT_PATHS="")
+    sh_true = timed(["/bin/sh", "-c", "true"], hook_env, runs)
+    hook_times = timed([str(hook)], hook_env, runs)
+    for leftover in layout.incoming.iterdir():
+        leftover.unlink()
+
+    daemon = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config",
+                               str(config_file)], env=env, start_new_session=True)
+    try:
+        time.sleep(2)
+        latencies = []
+        for build_id in range(runs):
+            before = stamps.read_text().count("\n") if stamps.exists() else 0
+            items = build(work, 1, prefix="hcb-lat")
+            document = hydra_envelope(hydra_payload(build_id, items[0]), time.time())
+            name = event_file_name("hydra")
+            (layout.tmp / name).write_text(json.dumps(document))
+            landed = time.time()
+            os.rename(layout.tmp / name, layout.incoming / name)
+            deadline = time.monotonic() + 10
+            while (stamps.read_text().count("\n") if stamps.exists() else 0) <= before:
+                if time.monotonic() > deadline:
+                    raise SystemExit("push did not start within 10 s")
+                time.sleep(0.001)
+            started = float(stamps.read_text().splitlines()[before])
+            latencies.append(started - landed)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {when}")
+    print(f"python3 -c pass           : {ms(bare)}")
+    print(f"enqueue-hydra (one event) : {ms(enqueue)}")
+    print(f"sh -c true                : {ms(sh_true)}")
+    print(f"hook-script hook          : {ms(hook_times)}")
+    print(f"spool landing -> push start: {ms(latencies)}")
+
+
+if __name__ == "__main__":
+    main()
