@@ -98,6 +98,7 @@ class LogSource:
     """An append-only log file whose store paths are queued."""
 
     path: Path
+    resolve_derivations: bool = False
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,8 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         if path is None:
             lr.error("path", "is required")
         else:
-            log_sources.append(LogSource(path=(base / path).absolute()))
+            resolve = lr.get("resolve_derivations", bool, False)
+            log_sources.append(LogSource((base / path).absolute(), resolve))
         lr.finish()
     log_poll = top.number("log_poll_seconds", 1.0, 0.05)
     top.finish()

@@ -258,7 +258,11 @@ class Daemon:
         queue = Queue(self.config.database_path)
         assert self.ingestor is not None and self.workers is not None
         self.follower = LogFollower(
-            self.config, queue, self.clock, count_event=self.ingestor.count_event
+            self.config,
+            queue,
+            self.clock,
+            count_event=self.ingestor.count_event,
+            store=self.store,
         )
         try:
             while not self.stopping.is_set():

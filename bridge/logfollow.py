@@ -13,6 +13,7 @@ from bridge.config import Config, LogSource
 from bridge.events import Event
 from bridge.matching import match_event
 from bridge.queue import LogOffset, Queue
+from bridge.store import NixStore, StoreQueryError
 from bridge.storepath import is_store_path
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,16 @@ class _Follow:
     device: int = 0
     inode: int = 0
     offset: int = 0
+
+
+def extract_derivations(data: bytes) -> list[str]:
+    """Unique .drv store paths mentioned in data, in order of appearance."""
+    found: dict[str, None] = {}
+    for match in _STORE_PATH_TOKEN.finditer(data):
+        text = match.group().decode("ascii")
+        if text.endswith(".drv") and is_store_path(text):
+            found[text] = None
+    return list(found)
 
 
 def extract_store_paths(data: bytes) -> list[str]:
@@ -51,7 +62,9 @@ class LogFollower:
         queue: Queue,
         clock: Clock,
         count_event: Callable[[Event, str, dict[str, int]], None] | None = None,
+        store: NixStore | None = None,
     ) -> None:
+        self.store = store or NixStore()
         self.config = config
         self.queue = queue
         self.clock = clock
@@ -128,6 +141,18 @@ class LogFollower:
                 self.clock.time(),
             )
 
+    def _outputs_of(self, derivations: list[str], known: list[str]) -> list[str]:
+        """Outputs of derivations named in a log (Nix 2.8 hooks only know DRV_PATH)."""
+        found: list[str] = []
+        for drv in derivations:
+            try:
+                outputs = self.store.resolve_outputs(drv)
+            except StoreQueryError as exc:
+                log.warning("cannot resolve outputs of %s from the log: %s", drv, exc)
+                continue
+            found += [path for path in outputs if path not in known and path not in found]
+        return found
+
     def _drain(self, follow: _Follow) -> dict[str, int]:
         assert follow.handle is not None
         queued: dict[str, int] = {}
@@ -143,6 +168,8 @@ class LogFollower:
                 return queued
             complete = data[: end + 1]
             paths = extract_store_paths(complete)
+            if follow.source.resolve_derivations:
+                paths += self._outputs_of(extract_derivations(complete), paths)
             now = self.clock.time()
             event = Event(source="log", received_at=now, out_paths=tuple(paths))
             result = match_event(event, self.config.rules)
