@@ -231,3 +231,30 @@ def test_run_with_invalid_config_exits_1(write_config: Callable[..., Path]) -> N
     done = run("run", "--config", str(config))
     assert done.returncode == 1
     assert f"{config}:caches: at least one [caches.NAME] table is required" in done.stderr
+
+
+def test_producers_do_not_import_the_daemon(tmp_path: Path,
+                                            write_config: Callable[..., Path]) -> None:
+    """enqueue-hydra and enqueue-hook run in Hydra's and Nix's path: no heavy imports."""
+    config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
+    ready_spool(config)
+    payload = tmp_path / "hydra.json"
+    payload.write_text(json.dumps(hydra_payload(1, ITEM)))
+    probe = (
+        "import sys\n"
+        "from bridge.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = {'sqlite3', 'watchdog', 'prometheus_client', 'bridge.daemon', 'bridge.queue',\n"
+        "         'bridge.worker', 'exporter.metrics', 'subprocess'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    for args in (["enqueue-hydra", "--config", str(config), "--json-file", str(payload)],
+                 ["enqueue-hook", "--config", str(config)]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, env=dict(os.environ, DRV_PATH=DRV, OUT_PATHS=OUT),
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "[]", (args[0], done.stdout)
