@@ -101,12 +101,11 @@ class CachixBackend:
             if self.cache.signing_key_file is not None:
                 env["CACHIX_SIGNING_KEY"] = read_secret(self.cache.signing_key_file)
                 secrets.append(env["CACHIX_SIGNING_KEY"])
+            command = self.command()
         except SecretError as exc:
             return PushOutcome(False, 0.0, "secret", str(exc))
         stdin = "".join(f"{path}\n" for path in paths).encode()
-        result = run_command(
-            self.command(), timeout=timeout, stdin_data=stdin, env=env, cancel=cancel
-        )
+        result = run_command(command, timeout=timeout, stdin_data=stdin, env=env, cancel=cancel)
         return outcome_from(result, "cachix push", secrets)
 
 
@@ -142,7 +141,11 @@ class NixCopyBackend:
 
     def push(self, paths: Sequence[str], timeout: float, cancel: threading.Event) -> PushOutcome:
         """Copy the closures of paths to the destination store."""
-        result = run_command(self.command(paths), timeout=timeout, env=self.base_env, cancel=cancel)
+        try:
+            command = self.command(paths)
+        except SecretError as exc:
+            return PushOutcome(False, 0.0, "secret", str(exc))
+        result = run_command(command, timeout=timeout, env=self.base_env, cancel=cancel)
         return outcome_from(result, "nix copy", [])
 
 

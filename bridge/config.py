@@ -223,6 +223,10 @@ class _Reader:
             self.error(name, "unknown key")
 
 
+def _under(base: Path, path: Path | None) -> Path | None:
+    return None if path is None else (base / path).absolute()
+
+
 def _type_name(kind: type) -> str:
     return {
         str: "a string",
@@ -359,8 +363,8 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         enabled=m.get("enabled", bool, dm.enabled),
         listen_address=m.get("listen_address", str, dm.listen_address),
         port=port,
-        tls_cert_file=m.path("tls_cert_file"),
-        tls_key_file=m.path("tls_key_file"),
+        tls_cert_file=_under(base, m.path("tls_cert_file")),
+        tls_key_file=_under(base, m.path("tls_key_file")),
         per_jobset=m.get("per_jobset", bool, dm.per_jobset),
     )
     if (metrics.tls_cert_file is None) != (metrics.tls_key_file is None):

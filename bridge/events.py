@@ -72,18 +72,35 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} overflows")
+    return value
+
+
 def decode_json(data: bytes) -> Any:
-    """Decode strict UTF-8 JSON bytes, rejecting NaN/Infinity and pathological nesting."""
+    """Decode strict UTF-8 JSON bytes, rejecting NaN/Infinity, overflowing numbers, lone
+    surrogates (\\ud800 escapes that cannot be written back as UTF-8) and deep nesting."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _reject(f"not UTF-8: {exc.reason} at byte {exc.start}", "invalid_encoding") from None
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        document = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise _reject("JSON nested too deeply", "invalid_json") from None
     except ValueError as exc:
         raise _reject(f"invalid JSON: {exc}", "invalid_json") from None
+    # Surrogates can only come from \\u escapes; only then is the round trip worth checking.
+    if "\\ud" in text.lower():
+        try:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _reject("JSON string with a lone UTF-16 surrogate", "invalid_encoding") from None
+        except RecursionError:
+            raise _reject("JSON nested too deeply", "invalid_json") from None
+    return document
 
 
 def _field(

@@ -13,19 +13,22 @@ _TEMPLATE = r"""#!/bin/sh
 spool=__SPOOL__
 drv=${DRV_PATH-}
 outs=${OUT_PATHS-}
+# Named after the derivation's hash: short, and the same content if it ever repeats.
+base=${drv##*/}
+name="hook-$$-${base%%-*}"
 case "$drv$outs" in
   *[!A-Za-z0-9+._?=/\ -]*)
-    # Not a plain store path: escape it for JSON; the daemon will quarantine it with a reason.
-    drv=$(printf '%s' "$drv" | tr -d '\000-\037' | sed 's/[\\"]/\\&/g')
-    outs=$(printf '%s' "$outs" | tr -d '\000-\037' | sed 's/[\\"]/\\&/g')
+    # Not a plain store path: escape it for JSON, turning control characters into '%' (not
+    # a store path character), so the daemon quarantines it instead of reading another path.
+    drv=$(printf '%s' "$drv" | tr '\001-\037\177' '%' | sed 's/[\\"]/\\&/g')
+    outs=$(printf '%s' "$outs" | tr '\001-\037\177' '%' | sed 's/[\\"]/\\&/g')
+    name="hook-$$-unsafe"
     ;;
 esac
 # A private directory of the hook's own user (created once), so that nobody else who may
 # write to the spool can plant a link where this root-run hook writes.
 dir="$spool/hook-tmp"
 umask 027
-name="hook-$$-${drv##*/}"
-name=${name%.drv}
 if { { [ -d "$dir" ] && [ ! -L "$dir" ]; } || mkdir -m 0700 "$dir" 2>/dev/null; } \
   && [ -O "$dir" ] \
   && printf '{"version":1,"kind":"hook","drv_path":"%s","out_paths":"%s"}\n' "$drv" "$outs" \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,31 @@ def mask_uri(uri: str) -> str:
     if parts.password is None:
         return uri
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
     if parts.port is not None:
         host += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: escape quote, backslash and control characters only."""
+    out = []
+    for char in text:
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -29,11 +51,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, Path):
-        return json.dumps(str(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
+    return _toml_string(str(value))
 
 
 def _secret_note(path: Path | None) -> str:
@@ -68,7 +88,7 @@ def render_config(config: Config) -> str:
         if value is not None:
             lines.append(f"{key} = {_toml_value(value)}")
     for name, cache in config.caches.items():
-        lines += ["", f"[caches.{json.dumps(name) if not name.isidentifier() else name}]"]
+        lines += ["", f"[caches.{_toml_key(name)}]"]
         for key, value in vars(cache).items():
             if key == "name" or value is None or value == ():
                 continue
@@ -86,7 +106,12 @@ def render_config(config: Config) -> str:
         if rule.exclude:
             lines.append(f"exclude = {_toml_value(rule.exclude)}")
     for source in config.log_sources:
-        lines += ["", "[[log_sources]]", f"path = {_toml_value(source.path)}"]
+        lines += [
+            "",
+            "[[log_sources]]",
+            f"path = {_toml_value(source.path)}",
+            f"resolve_derivations = {_toml_value(source.resolve_derivations)}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -13,11 +13,16 @@ class SecretError(Exception):
 
 
 def resolve_secret_path(path: Path) -> Path:
-    """Relative secret names are looked up in systemd's $CREDENTIALS_DIRECTORY when set."""
+    """Relative secret names are credential names in systemd's $CREDENTIALS_DIRECTORY."""
     if path.is_absolute():
         return path
     credentials = os.environ.get(CREDENTIALS_ENV)
-    return Path(credentials) / path if credentials else path.absolute()
+    if not credentials:
+        raise SecretError(
+            f"secret file name {str(path)!r} is relative: use an absolute path, or run under "
+            f"systemd with LoadCredential= so that ${CREDENTIALS_ENV} is set"
+        )
+    return Path(credentials) / path
 
 
 def read_secret(path: Path) -> str:

@@ -1,0 +1,637 @@
+"""Unit tests for bridge.config: TOML loading, validation messages, defaults, job patterns."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bridge.config import (
+    CONFIG_ENV,
+    CacheConfig,
+    Config,
+    ConfigError,
+    JobPattern,
+    LogSource,
+    MetricsSettings,
+    PushSettings,
+    Rule,
+    SpoolSettings,
+    default_config,
+    default_state_dir,
+    load_config,
+    parse_config,
+)
+from bridge.events import SOURCES
+
+EXAMPLE = """\
+state_dir = "/var/lib/hydra-cachix-bridge"
+spool_dir = "/var/spool/hydra-cachix-bridge"
+[push]
+workers = 4
+batch_size = 32
+timeout_seconds = 1800
+max_attempts = 8
+backoff_initial_seconds = 5
+backoff_max_seconds = 900
+[caches.mycache]
+backend = "cachix"
+cachix_config = "/etc/cachix/cachix.dhall"
+auth_token_file = "/run/credentials/x/token"
+signing_key_file = "/run/credentials/x/key"
+extra_args = ["--compression-method", "zstd"]
+[caches.mirror]
+backend = "nix-copy"
+uri = "file:///var/cache/nix-mirror"
+[[rules]]
+jobs = ["home:mybuild:*"]
+caches = ["mycache"]
+build_statuses = [0]
+exclude = ["*-spec.json"]
+[[rules]]
+sources = ["hook"]
+caches = ["mirror"]
+"""
+
+MINIMAL_CACHE = '[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/c"\n'
+
+Writer = Callable[..., Path]
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """The issue's example config with every absolute path moved under tmp_path."""
+    text = EXAMPLE
+    for old in (
+        "/var/lib/hydra-cachix-bridge",
+        "/var/spool/hydra-cachix-bridge",
+        "/etc/cachix/cachix.dhall",
+        "/run/credentials/x/token",
+        "/run/credentials/x/key",
+        "/var/cache/nix-mirror",
+    ):
+        text = text.replace(old, f"{tmp_path}{old}")
+    path = tmp_path / "etc" / "bridge.toml"
+    path.parent.mkdir()
+    path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert problems, "ConfigError without problems"
+    assert str(info.value) == "\n".join(problems)
+    return problems
+
+
+def only_problem(path: Path) -> str:
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+class TestDefaults:
+    def test_no_file_and_no_env_gives_embedded_defaults(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv(CONFIG_ENV, raising=False)
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+        config = load_config()
+        state = tmp_path / "xdg" / "hydra-cachix-bridge"
+        assert config.state_dir == state
+        assert config.spool_dir == state / "spool"
+        assert config.database_path == state / "queue.sqlite3"
+        assert list(config.caches) == ["local"]
+        local = config.caches["local"]
+        assert local.backend == "nix-copy"
+        assert local.uri == f"file://{state / 'binary-cache'}"
+        assert config.rules == (Rule(caches=("local",)),)
+        assert config.rules[0].sources == SOURCES
+        assert config.rules[0].build_statuses == (0,)
+        assert config.push == PushSettings()
+        assert config.source_file is None
+
+    def test_empty_env_var_means_defaults(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(CONFIG_ENV, "")
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+        assert load_config().source_file is None
+
+    def test_default_state_dir_without_xdg(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert default_state_dir() == tmp_path / ".local" / "state" / "hydra-cachix-bridge"
+
+    def test_default_config_with_relative_state_dir_is_absolute(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        config = default_config(Path("rel"))
+        assert config.state_dir == tmp_path / "rel"
+        assert config.state_dir.is_absolute()
+
+    def test_env_var_names_the_file(self, example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(CONFIG_ENV, str(example))
+        config = load_config()
+        assert config.source_file == example
+        assert set(config.caches) == {"mycache", "mirror"}
+
+    def test_explicit_path_wins_over_env(
+        self, example: Path, write_config: Writer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(CONFIG_ENV, str(example))
+        other = write_config(MINIMAL_CACHE)
+        assert set(load_config(other).caches) == {"c"}
+
+    def test_env_var_pointing_to_missing_file_is_an_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        missing = tmp_path / "nope.toml"
+        monkeypatch.setenv(CONFIG_ENV, str(missing))
+        with pytest.raises(ConfigError) as info:
+            load_config()
+        assert info.value.problems == [f"{missing}: file not found"]
+
+    def test_file_with_only_a_cache_uses_default_settings(self, write_config: Writer) -> None:
+        config = load_config(write_config(MINIMAL_CACHE))
+        assert config.push == PushSettings()
+        assert config.spool == SpoolSettings()
+        assert config.metrics == MetricsSettings()
+        assert config.log_level == "info"
+        assert config.retention_days == 14.0
+        assert config.log_poll_seconds == 1.0
+        assert config.log_sources == ()
+        # No [[rules]]: one rule sending every source to every cache.
+        assert config.rules == (Rule(caches=("c",)),)
+
+
+# --------------------------------------------------------------------------- the example
+
+
+class TestExampleConfig:
+    def test_top_level(self, example: Path, tmp_path: Path) -> None:
+        config = load_config(example)
+        assert isinstance(config, Config)
+        assert config.state_dir == tmp_path / "var/lib/hydra-cachix-bridge"
+        assert config.spool_dir == tmp_path / "var/spool/hydra-cachix-bridge"
+        assert config.database_path == config.state_dir / "queue.sqlite3"
+        assert config.source_file == example
+
+    def test_push(self, example: Path) -> None:
+        push = load_config(example).push
+        assert push == PushSettings(
+            workers=4,
+            batch_size=32,
+            timeout_seconds=1800.0,
+            max_attempts=8,
+            backoff_initial_seconds=5.0,
+            backoff_max_seconds=900.0,
+        )
+        assert isinstance(push.workers, int)
+        assert isinstance(push.timeout_seconds, float)
+        assert isinstance(push.backoff_initial_seconds, float)
+
+    def test_caches(self, example: Path, tmp_path: Path) -> None:
+        caches = load_config(example).caches
+        assert list(caches) == ["mycache", "mirror"]
+        assert caches["mycache"] == CacheConfig(
+            name="mycache",
+            backend="cachix",
+            cachix_config=tmp_path / "etc/cachix/cachix.dhall",
+            auth_token_file=tmp_path / "run/credentials/x/token",
+            signing_key_file=tmp_path / "run/credentials/x/key",
+            extra_args=("--compression-method", "zstd"),
+        )
+        assert caches["mirror"] == CacheConfig(
+            name="mirror", backend="nix-copy", uri=f"file://{tmp_path}/var/cache/nix-mirror"
+        )
+
+    def test_rules(self, example: Path) -> None:
+        rules = load_config(example).rules
+        assert rules == (
+            Rule(
+                caches=("mycache",),
+                jobs=(JobPattern("home", "mybuild", "*"),),
+                sources=SOURCES,
+                build_statuses=(0,),
+                exclude=("*-spec.json",),
+            ),
+            Rule(caches=("mirror",), sources=("hook",)),
+        )
+        assert all(isinstance(r.caches, tuple) for r in rules)
+
+    def test_everything_is_frozen(self, example: Path) -> None:
+        config = load_config(example)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.state_dir = Path("/")  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.push.workers = 1  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.caches["mirror"].uri = "file:///x"  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.rules[0].caches = ()  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.rules[0].jobs[0].project = "x"  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            config.caches["new"] = config.caches["mirror"]  # type: ignore[index]
+        with pytest.raises(TypeError):
+            del config.caches["mirror"]  # type: ignore[attr-defined]
+        assert isinstance(config.rules, tuple)
+        assert isinstance(config.caches["mycache"].extra_args, tuple)
+        assert isinstance(config.rules[0].build_statuses, tuple)
+        assert isinstance(config.rules[0].exclude, tuple)
+
+    def test_config_is_hashable_parts(self, example: Path) -> None:
+        config = load_config(example)
+        # Frozen dataclasses with tuple fields hash; this lets callers use them as keys.
+        assert len({config.push, config.spool, config.metrics, *config.rules}) == 5
+
+    def test_every_section_and_option(self, write_config: Writer, tmp_path: Path) -> None:
+        path = write_config(
+            'spool_dir = "spool-here"\n'
+            'log_level = "debug"\n'
+            "retention_days = 2.5\n"
+            "log_poll_seconds = 0.5\n"
+            "[push]\nshutdown_grace_seconds = 3\n"
+            "[spool]\nmax_event_bytes = 4096\nrescan_seconds = 0.5\ngroup_writable = true\n"
+            '[metrics]\nenabled = false\nlisten_address = "0.0.0.0"\nport = 9300\n'
+            "per_jobset = true\n"
+            '[caches.c]\nbackend = "cachix"\nhostname = "https://cachix.example"\n'
+            'executable = "/opt/cachix"\nmax_parallel = 2\n'
+            '[[log_sources]]\npath = "logs/hook.log"\n'
+        )
+        config = load_config(path)
+        assert config.log_level == "debug"
+        assert config.retention_days == 2.5
+        assert config.log_poll_seconds == 0.5
+        assert config.push.shutdown_grace_seconds == 3.0
+        assert config.spool == SpoolSettings(4096, 0.5, True)
+        assert config.metrics == MetricsSettings(
+            enabled=False, listen_address="0.0.0.0", port=9300, per_jobset=True
+        )
+        assert config.caches["c"].hostname == "https://cachix.example"
+        assert config.caches["c"].executable == "/opt/cachix"
+        assert config.caches["c"].max_parallel == 2
+        assert config.log_sources == (LogSource(tmp_path / "logs" / "hook.log"),)
+        assert config.spool_dir == tmp_path / "spool-here"
+
+
+# --------------------------------------------------------------------------- relative paths
+
+
+class TestRelativePaths:
+    def test_relative_dirs_resolve_against_config_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        confdir = tmp_path / "conf"
+        confdir.mkdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        path = confdir / "bridge.toml"
+        path.write_text(
+            'state_dir = "state"\nspool_dir = "../spool"\n'
+            + MINIMAL_CACHE
+            + '[[log_sources]]\npath = "log/a.log"\n'
+        )
+        config = load_config(path)
+        assert config.state_dir == confdir / "state"
+        assert config.spool_dir == confdir / ".." / "spool"
+        assert config.log_sources[0].path == confdir / "log" / "a.log"
+        assert config.state_dir.is_absolute() and config.spool_dir.is_absolute()
+
+    def test_relative_config_path_itself(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "conf").mkdir()
+        (tmp_path / "conf" / "b.toml").write_text('state_dir = "s"\n' + MINIMAL_CACHE)
+        monkeypatch.chdir(tmp_path)
+        config = load_config("conf/b.toml")
+        assert config.state_dir == tmp_path / "conf" / "s"
+
+    def test_spool_dir_defaults_under_state_dir(self, write_config: Writer, tmp_path: Path) -> None:
+        config = load_config(write_config(MINIMAL_CACHE))
+        assert config.spool_dir == tmp_path / "state" / "spool"
+
+    def test_relative_tls_files_resolve_against_config_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        confdir = tmp_path / "conf"
+        confdir.mkdir()
+        monkeypatch.chdir(tmp_path)
+        path = confdir / "bridge.toml"
+        path.write_text(
+            f'state_dir = "{tmp_path}/s"\n'
+            '[metrics]\ntls_cert_file = "tls/cert.pem"\ntls_key_file = "tls/key.pem"\n'
+            + MINIMAL_CACHE
+        )
+        metrics = load_config(path).metrics
+        assert metrics.tls_cert_file == confdir / "tls" / "cert.pem"
+        assert metrics.tls_key_file == confdir / "tls" / "key.pem"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class TestErrors:
+    def test_missing_file(self, tmp_path: Path) -> None:
+        missing = tmp_path / "missing.toml"
+        assert only_problem(missing) == f"{missing}: file not found"
+
+    def test_unreadable_path_is_a_directory(self, tmp_path: Path) -> None:
+        problem = only_problem(tmp_path)
+        assert problem.startswith(f"{tmp_path}: cannot read")
+
+    def test_invalid_toml(self, write_config: Writer) -> None:
+        path = write_config("[push\nworkers = 4\n")
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}: invalid TOML: ")
+        assert "line 2" in problem
+
+    def test_unknown_top_level_key(self, write_config: Writer) -> None:
+        path = write_config("colour = 'red'\n" + MINIMAL_CACHE)
+        assert only_problem(path) == f"{path}:colour: unknown key"
+
+    @pytest.mark.parametrize(
+        ("section", "key"),
+        [("push", "wrokers"), ("spool", "max_bytes"), ("metrics", "host")],
+    )
+    def test_unknown_key_in_settings_tables(
+        self, write_config: Writer, section: str, key: str
+    ) -> None:
+        path = write_config(f"[{section}]\n{key} = 1\n" + MINIMAL_CACHE)
+        assert only_problem(path) == f"{path}:{section}.{key}: unknown key"
+
+    def test_unknown_key_in_cache(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + 'token = "x"\n')
+        assert only_problem(path) == f"{path}:caches.c.token: unknown key"
+
+    def test_unknown_key_in_rule(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + '[[rules]]\ncaches = ["c"]\njob = ["a:b:c"]\n')
+        assert only_problem(path) == f"{path}:rules[0].job: unknown key"
+
+    def test_unknown_key_in_second_rule_names_its_index(self, write_config: Writer) -> None:
+        path = write_config(
+            MINIMAL_CACHE + '[[rules]]\ncaches = ["c"]\n[[rules]]\ncaches = ["c"]\nx = 1\n'
+        )
+        assert only_problem(path) == f"{path}:rules[1].x: unknown key"
+
+    def test_unknown_key_in_log_source(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + '[[log_sources]]\npath = "/x"\nfollow = true\n')
+        assert only_problem(path) == f"{path}:log_sources[0].follow: unknown key"
+
+    @pytest.mark.parametrize(
+        ("body", "key", "message"),
+        [
+            ('[push]\nworkers = "4"\n', "push.workers", "must be an integer, got a string"),
+            ("[push]\nworkers = 4.0\n", "push.workers", "must be an integer, got a number"),
+            ("[push]\nworkers = true\n", "push.workers", "must be an integer, got a boolean"),
+            ("[push]\nworkers = 0\n", "push.workers", "must be at least 1"),
+            ("[push]\nbatch_size = -1\n", "push.batch_size", "must be at least 1"),
+            (
+                "[push]\ntimeout_seconds = true\n",
+                "push.timeout_seconds",
+                "must be an integer or a number, got a boolean",
+            ),
+            (
+                "[push]\nbackoff_initial_seconds = 10\nbackoff_max_seconds = 5\n",
+                "push.backoff_max_seconds",
+                "must not be below backoff_initial_seconds",
+            ),
+            ("[spool]\nmax_event_bytes = 10\n", "spool.max_event_bytes", "must be at least 256"),
+            ("[spool]\ngroup_writable = 1\n", "spool.group_writable", "must be a boolean"),
+            ("[metrics]\nport = 70000\n", "metrics.port", "must be at most 65535"),
+            ("[metrics]\nport = -1\n", "metrics.port", "must be at least 0"),
+            ("[metrics]\nenabled = 'yes'\n", "metrics.enabled", "must be a boolean"),
+            (
+                '[metrics]\ntls_cert_file = "/c.pem"\n',
+                "metrics.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+            ),
+            ("log_level = 'loud'\n", "log_level", "must be one of debug, info, warning, error"),
+            ("log_level = 3\n", "log_level", "must be a string, got an integer"),
+            ("state_dir = ''\n", "state_dir", "must not be empty"),
+            ("spool_dir = 5\n", "spool_dir", "must be a string, got an integer"),
+            ("retention_days = -1\n", "retention_days", "must be at least 0"),
+            ("log_poll_seconds = 0\n", "log_poll_seconds", "must be at least 0.05"),
+            ("push = 5\n", "push", "must be a table, got an integer"),
+            ("rules = 5\n", "rules", "must be a list, got an integer"),
+        ],
+    )
+    def test_wrong_values_name_file_and_key(
+        self, write_config: Writer, body: str, key: str, message: str
+    ) -> None:
+        # Top-level keys must come before the first table header in TOML.
+        head, _, rest = body.partition("[")
+        text = head + MINIMAL_CACHE + ("[" + rest if rest else "")
+        path = write_config(text, state=not body.startswith("state_dir"))
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:{key}: "), problem
+        assert message in problem
+
+    @pytest.mark.parametrize(
+        ("body", "key", "message"),
+        [
+            ("[caches.c]\nuri = 'file:///x'\n", "caches.c.backend", "is required"),
+            (
+                "[caches.c]\nbackend = 'attic'\n",
+                "caches.c.backend",
+                "must be one of cachix, nix-copy, got 'attic'",
+            ),
+            ("[caches.c]\nbackend = 'nix-copy'\n", "caches.c.uri", "is required for backend"),
+            ("[caches.c]\nbackend = 'nix-copy'\nuri = ''\n", "caches.c.uri", "is required"),
+            (
+                "[caches.c]\nbackend = 'cachix'\nuri = 'file:///x'\n",
+                "caches.c.uri",
+                "is only for backend nix-copy",
+            ),
+            (
+                "[caches.c]\nbackend = 'nix-copy'\nuri = 'file:///x'\nhostname = 'h'\n",
+                "caches.c.hostname",
+                "is only for backend cachix",
+            ),
+            (
+                "[caches.c]\nbackend = 'nix-copy'\nuri = 'file:///x'\nauth_token_file = '/t'\n",
+                "caches.c.auth_token_file",
+                "is only for backend cachix",
+            ),
+            (
+                "[caches.c]\nbackend = 'cachix'\nextra_args = ['-j', 4]\n",
+                "caches.c.extra_args",
+                "must be a list of strings",
+            ),
+            (
+                "[caches.c]\nbackend = 'cachix'\nextra_args = '-j 4'\n",
+                "caches.c.extra_args",
+                "must be a list, got a string",
+            ),
+            (
+                "[caches.c]\nbackend = 'cachix'\nmax_parallel = 0\n",
+                "caches.c.max_parallel",
+                "must be at least 1",
+            ),
+            (
+                "[caches.c]\nbackend = 'cachix'\nauth_token_file = ''\n",
+                "caches.c.auth_token_file",
+                "must not be empty",
+            ),
+            ("caches = 3\n", "caches", "must be a table"),
+            ("[caches]\nc = 3\n", "caches.c", "must be a table"),
+        ],
+    )
+    def test_cache_errors(self, write_config: Writer, body: str, key: str, message: str) -> None:
+        path = write_config(body)
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:{key}: "), problem
+        assert message in problem
+
+    def test_no_cache_at_all(self, write_config: Writer) -> None:
+        path = write_config("")
+        assert only_problem(path) == f"{path}:caches: at least one [caches.NAME] table is required"
+
+    def test_unknown_cache_in_rule(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + '[[rules]]\ncaches = ["c", "nope"]\n')
+        assert only_problem(path) == f"{path}:rules[0].caches: unknown cache 'nope' (defined: c)"
+
+    @pytest.mark.parametrize(
+        ("rule", "key", "message"),
+        [
+            ("caches = []\n", "rules[0].caches", "is required"),
+            ("jobs = ['a:b']\n", "rules[0].caches", "is required"),
+            ("caches = ['c']\njobs = ['a:b:c:d']\n", "rules[0].jobs", "invalid job pattern"),
+            ("caches = ['c']\njobs = ['']\n", "rules[0].jobs", "invalid job pattern"),
+            ("caches = ['c']\njobs = 'a:b:c'\n", "rules[0].jobs", "must be a list"),
+            ("caches = ['c']\nsources = ['cron']\n", "rules[0].sources", "unknown source 'cron'"),
+            (
+                "caches = ['c']\nsources = ['hook']\njobs = ['a:*:*']\n",
+                "rules[0].jobs",
+                "job patterns only match Hydra events",
+            ),
+            (
+                "caches = ['c']\nbuild_statuses = [true]\n",
+                "rules[0].build_statuses",
+                "must be a list of Hydra build status integers",
+            ),
+            (
+                "caches = ['c']\nbuild_statuses = ['0']\n",
+                "rules[0].build_statuses",
+                "must be a list of Hydra build status integers",
+            ),
+            (
+                "caches = ['c']\nbuild_statuses = [-1]\n",
+                "rules[0].build_statuses",
+                "must be a list of Hydra build status integers",
+            ),
+            (
+                "caches = ['c']\nbuild_statuses = 0\n",
+                "rules[0].build_statuses",
+                "must be a list, got an integer",
+            ),
+            ("caches = ['c']\nexclude = [1]\n", "rules[0].exclude", "must be a list of strings"),
+        ],
+    )
+    def test_rule_errors(self, write_config: Writer, rule: str, key: str, message: str) -> None:
+        path = write_config(MINIMAL_CACHE + "[[rules]]\n" + rule)
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:{key}: "), problem
+        assert message in problem
+
+    def test_bad_job_pattern_message_quotes_the_pattern(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + "[[rules]]\ncaches = ['c']\njobs = ['p:j:job:x']\n")
+        assert "'p:j:job:x'" in only_problem(path)
+
+    def test_rules_entry_not_a_table(self, write_config: Writer) -> None:
+        path = write_config("rules = [1]\n" + MINIMAL_CACHE)
+        assert only_problem(path) == f"{path}:rules[0]: must be a table"
+
+    def test_log_source_without_path(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + "[[log_sources]]\n")
+        assert only_problem(path) == f"{path}:log_sources[0].path: is required"
+
+    def test_all_problems_are_reported_at_once(self, write_config: Writer) -> None:
+        path = write_config(
+            "bogus = 1\n[push]\nworkers = 0\n[caches.c]\nbackend = 'nix-copy'\n"
+            "[[rules]]\ncaches = ['zz']\n"
+        )
+        problems = problems_of(path)
+        keys = {p.removeprefix(f"{path}:").split(": ", 1)[0] for p in problems}
+        assert keys == {"bogus", "push.workers", "caches.c.uri", "rules[0].caches"}
+        assert all(p.startswith(f"{path}:") for p in problems)
+
+    def test_parse_config_uses_given_file_name(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"x": 1}, "<memory>")
+        assert "<memory>:x: unknown key" in info.value.problems
+
+
+# --------------------------------------------------------------------------- job patterns
+
+
+class TestJobPattern:
+    def test_full_pattern(self) -> None:
+        pattern = JobPattern.parse("proj:main:hello.x86_64-linux")
+        assert pattern == JobPattern("proj", "main", "hello.x86_64-linux")
+        assert str(pattern) == "proj:main:hello.x86_64-linux"
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [("proj", ("proj", "*", "*")), ("proj:main", ("proj", "main", "*")), ("*", ("*",) * 3)],
+    )
+    def test_fewer_parts_mean_star(self, text: str, expected: tuple[str, str, str]) -> None:
+        assert JobPattern.parse(text) == JobPattern(*expected)
+
+    @pytest.mark.parametrize("text", ["a:b:c:d", "a:b:c:", "::::", ""])
+    def test_invalid(self, text: str) -> None:
+        with pytest.raises(ValueError, match="invalid job pattern"):
+            JobPattern.parse(text)
+
+    def test_star_matches_anything(self) -> None:
+        pattern = JobPattern.parse("*:*:*")
+        assert pattern.matches("p", "j", "job")
+        assert pattern.matches("", "", "")
+
+    def test_exact_match_only(self) -> None:
+        pattern = JobPattern.parse("home:mybuild:*")
+        assert pattern.matches("home", "mybuild", "anything.x86_64-linux")
+        assert not pattern.matches("home", "mybuild2", "x")
+        assert not pattern.matches("Home", "mybuild", "x")
+        assert not pattern.matches("hom", "mybuild", "x")
+        assert not pattern.matches("other", "mybuild", "x")
+
+    def test_partial_glob_is_a_literal(self) -> None:
+        pattern = JobPattern.parse("foo*:*:*")
+        assert not pattern.matches("foo", "j", "x")
+        assert not pattern.matches("foobar", "j", "x")
+        assert pattern.matches("foo*", "j", "x")
+
+    @pytest.mark.parametrize("text", ["p:j:hello.*", "p:j:?ello", "p:j:[h]ello"])
+    def test_no_glob_or_regex_in_job_part(self, text: str) -> None:
+        pattern = JobPattern.parse(text)
+        assert not pattern.matches("p", "j", "hello")
+        assert not pattern.matches("p", "j", "hello.x86_64-linux")
+        assert pattern.matches("p", "j", pattern.job)
+
+    def test_prefix_pattern_matches_any_jobset(self) -> None:
+        pattern = JobPattern.parse("proj")
+        assert pattern.matches("proj", "anything", "job")
+        assert not pattern.matches("proj2", "anything", "job")
+
+    def test_frozen(self) -> None:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            JobPattern.parse("a").project = "b"  # type: ignore[misc]
+
+
+def test_toml_example_is_valid_toml() -> None:
+    # Sanity: the example from the issue is itself valid TOML with two rules.
+    assert len(tomllib.loads(EXAMPLE)["rules"]) == 2

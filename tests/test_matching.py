@@ -1,0 +1,251 @@
+"""Unit tests for bridge.matching: which caches each path of an event goes to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bridge.config import JobPattern, Rule
+from bridge.events import Event
+from bridge.matching import IGNORE_REASONS, MatchResult, match_event
+
+OUT = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12.1"
+DEV = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello-2.12.1-dev"
+SPEC = "/nix/store/00000000000000000000000000000000-build-spec.json"
+DRV = "/nix/store/11111111111111111111111111111111-hello-2.12.1.drv"
+
+
+def hydra(
+    *paths: str,
+    status: int | None = 0,
+    project: str = "home",
+    jobset: str = "mybuild",
+    job: str = "hello.x86_64-linux",
+) -> Event:
+    return Event(
+        source="hydra",
+        received_at=1.0,
+        out_paths=paths,
+        drv_path=DRV,
+        build_id=1,
+        project=project,
+        jobset=jobset,
+        job=job,
+        build_status=status,
+    )
+
+
+def hook(*paths: str) -> Event:
+    return Event(source="hook", received_at=1.0, out_paths=paths, drv_path=DRV)
+
+
+def log(*paths: str) -> Event:
+    return Event(source="log", received_at=1.0, out_paths=paths)
+
+
+def rule(*caches: str, jobs: tuple[str, ...] = (), **kw: object) -> Rule:
+    return Rule(caches=caches, jobs=tuple(JobPattern.parse(j) for j in jobs), **kw)  # type: ignore[arg-type]
+
+
+def targets(result: MatchResult) -> set[tuple[str, str]]:
+    return set(result.targets)
+
+
+class TestMatchResult:
+    def test_matched_property(self) -> None:
+        assert MatchResult((("c", OUT),)).matched
+        assert not MatchResult((), "no_rule").matched
+
+    def test_reasons_are_bounded(self) -> None:
+        assert IGNORE_REASONS == ("no_rule", "status_filtered", "excluded", "no_outputs")
+
+    def test_frozen(self) -> None:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            MatchResult(()).ignored_reason = "x"  # type: ignore[misc]
+
+
+class TestBasicMatching:
+    def test_catch_all_rule_sends_every_output_to_its_caches(self) -> None:
+        result = match_event(hydra(OUT, DEV), [rule("a", "b")])
+        assert result.targets == (("a", OUT), ("b", OUT), ("a", DEV), ("b", DEV))
+        assert result.ignored_reason is None
+        assert result.matched
+
+    def test_catch_all_rule_matches_every_source(self) -> None:
+        for event in (hydra(OUT), hook(OUT), log(OUT)):
+            assert match_event(event, [rule("c")]).targets == (("c", OUT),)
+
+    def test_no_rules_at_all(self) -> None:
+        result = match_event(hydra(OUT), [])
+        assert result == MatchResult((), "no_rule")
+        assert not result.matched
+
+
+class TestJobs:
+    @pytest.mark.parametrize(
+        ("pattern", "matches"),
+        [
+            ("home:mybuild:*", True),
+            ("home:mybuild:hello.x86_64-linux", True),
+            ("home", True),
+            ("*:*:hello.x86_64-linux", True),
+            ("home:other:*", False),
+            ("home:mybuild:hello", False),
+            ("home:my*:*", False),
+            ("hom*", False),
+            ("other", False),
+        ],
+    )
+    def test_job_patterns(self, pattern: str, matches: bool) -> None:
+        result = match_event(hydra(OUT), [rule("c", jobs=(pattern,))])
+        if matches:
+            assert result.targets == (("c", OUT),)
+        else:
+            assert result == MatchResult((), "no_rule")
+
+    def test_any_of_several_patterns(self) -> None:
+        r = rule("c", jobs=("nope:*:*", "home:mybuild:*"))
+        assert match_event(hydra(OUT), [r]).targets == (("c", OUT),)
+
+    def test_job_rules_never_match_hook_events(self) -> None:
+        result = match_event(hook(OUT), [rule("c", jobs=("*:*:*",))])
+        assert result == MatchResult((), "no_rule")
+
+    def test_job_rules_never_match_log_events(self) -> None:
+        assert match_event(log(OUT), [rule("c", jobs=("*",))]).ignored_reason == "no_rule"
+
+    def test_hydra_event_without_job_fields_does_not_match_job_rule(self) -> None:
+        event = dataclasses.replace(hydra(OUT), job=None)
+        assert match_event(event, [rule("c", jobs=("*",))]).ignored_reason == "no_rule"
+
+
+class TestSources:
+    def test_sources_filter(self) -> None:
+        rules = [rule("hydra-cache", sources=("hydra",)), rule("hook-cache", sources=("hook",))]
+        assert match_event(hydra(OUT), rules).targets == (("hydra-cache", OUT),)
+        assert match_event(hook(OUT), rules).targets == (("hook-cache", OUT),)
+        assert match_event(log(OUT), rules) == MatchResult((), "no_rule")
+
+    def test_log_source(self) -> None:
+        rules = [rule("l", sources=("log",))]
+        assert match_event(log(OUT), rules).targets == (("l", OUT),)
+        assert match_event(hook(OUT), rules).ignored_reason == "no_rule"
+
+
+class TestStatuses:
+    def test_default_only_success(self) -> None:
+        assert match_event(hydra(OUT, status=0), [rule("c")]).targets == (("c", OUT),)
+        for status in (1, 2, 3, 4, 6, 7, 13, None):
+            result = match_event(hydra(OUT, status=status), [rule("c")])
+            assert result == MatchResult((), "status_filtered"), status
+
+    def test_configured_statuses(self) -> None:
+        r = rule("c", build_statuses=(0, 6, 13))
+        for status in (0, 6, 13):
+            assert match_event(hydra(OUT, status=status), [r]).matched
+        assert match_event(hydra(OUT, status=1), [r]).ignored_reason == "status_filtered"
+
+    def test_hook_and_log_events_bypass_build_statuses(self) -> None:
+        r = rule("c", build_statuses=(99,))
+        assert match_event(hook(OUT), [r]).targets == (("c", OUT),)
+        assert match_event(log(OUT), [r]).targets == (("c", OUT),)
+
+    def test_status_per_rule(self) -> None:
+        rules = [rule("ok"), rule("failed", build_statuses=(1, 6))]
+        assert match_event(hydra(OUT, status=6), rules).targets == (("failed", OUT),)
+        assert match_event(hydra(OUT, status=0), rules).targets == (("ok", OUT),)
+        assert match_event(hydra(OUT, status=7), rules).ignored_reason == "status_filtered"
+
+    def test_no_rule_beats_status_filtered(self) -> None:
+        r = rule("c", jobs=("other:*:*",))
+        assert match_event(hydra(OUT, status=1), [r]).ignored_reason == "no_rule"
+
+
+class TestExclude:
+    def test_exclude_glob_on_name(self) -> None:
+        r = rule("c", exclude=("*-spec.json",))
+        result = match_event(hydra(OUT, SPEC), [r])
+        assert result.targets == (("c", OUT),)
+
+    def test_all_excluded(self) -> None:
+        r = rule("c", exclude=("*-spec.json",))
+        assert match_event(hydra(SPEC), [r]) == MatchResult((), "excluded")
+
+    def test_exclude_applies_to_name_not_hash_or_store_dir(self) -> None:
+        assert match_event(hydra(OUT), [rule("c", exclude=("0123*",))]).matched
+        assert match_event(hydra(OUT), [rule("c", exclude=("/nix/store/*",))]).matched
+        assert not match_event(hydra(OUT), [rule("c", exclude=("hello-*",))]).matched
+
+    def test_exclude_is_case_sensitive(self) -> None:
+        assert match_event(hydra(OUT), [rule("c", exclude=("HELLO-*",))]).matched
+
+    @pytest.mark.parametrize(("pattern", "excluded"), [("*-dev", True), ("hello-?.*", True)])
+    def test_glob_forms(self, pattern: str, excluded: bool) -> None:
+        result = match_event(hydra(OUT, DEV), [rule("c", exclude=(pattern,))])
+        assert (("c", DEV) not in result.targets) is excluded
+
+    def test_exclude_of_one_rule_does_not_affect_another(self) -> None:
+        rules = [rule("a", exclude=("*-dev",)), rule("b")]
+        result = match_event(hydra(OUT, DEV), rules)
+        assert targets(result) == {("a", OUT), ("b", OUT), ("b", DEV)}
+
+    def test_excluded_versus_status_filtered(self) -> None:
+        # One rule would take the path but excludes it; the other filters the status.
+        rules = [rule("a", exclude=("hello-*",)), rule("b", build_statuses=(1,))]
+        assert match_event(hydra(OUT), rules).ignored_reason == "excluded"
+
+
+class TestUnion:
+    def test_union_of_caches_of_several_rules(self) -> None:
+        rules = [
+            rule("mycache", jobs=("home:mybuild:*",)),
+            rule("mirror", sources=("hydra", "hook")),
+            rule("mycache", "third"),
+        ]
+        result = match_event(hydra(OUT), rules)
+        assert result.targets == (("mycache", OUT), ("mirror", OUT), ("third", OUT))
+
+    def test_no_duplicate_targets(self) -> None:
+        rules = [rule("c"), rule("c"), rule("c", "c")]
+        assert match_event(hydra(OUT, OUT), rules).targets == (("c", OUT),)
+
+    def test_order_is_stable(self) -> None:
+        rules = [rule("b"), rule("a")]
+        first = match_event(hydra(OUT, DEV), rules)
+        assert first == match_event(hydra(OUT, DEV), rules)
+        assert first.targets == (("b", OUT), ("a", OUT), ("b", DEV), ("a", DEV))
+
+    def test_example_config_rules(self) -> None:
+        rules = [
+            rule(
+                "mycache", jobs=("home:mybuild:*",), build_statuses=(0,), exclude=("*-spec.json",)
+            ),
+            rule("mirror", sources=("hook",)),
+        ]
+        assert match_event(hydra(OUT, SPEC), rules).targets == (("mycache", OUT),)
+        assert match_event(hook(OUT, SPEC), rules).targets == (("mirror", OUT), ("mirror", SPEC))
+        other = hydra(OUT, project="elsewhere")
+        assert match_event(other, rules).ignored_reason == "no_rule"
+        assert match_event(hydra(OUT, status=1), rules).ignored_reason == "status_filtered"
+
+
+class TestNoOutputs:
+    def test_hydra_event_without_outputs(self) -> None:
+        assert match_event(hydra(), [rule("c")]) == MatchResult((), "no_outputs")
+
+    def test_hook_event_without_outputs(self) -> None:
+        assert match_event(hook(), [rule("c")]).ignored_reason == "no_outputs"
+
+    def test_no_rule_and_status_are_checked_before_outputs(self) -> None:
+        assert match_event(hydra(), [rule("c", sources=("hook",))]).ignored_reason == "no_rule"
+        assert match_event(hydra(status=1), [rule("c")]).ignored_reason == "status_filtered"
+
+    def test_every_reason_is_in_the_bounded_set(self) -> None:
+        cases = [
+            match_event(hydra(OUT), []),
+            match_event(hydra(OUT, status=1), [rule("c")]),
+            match_event(hydra(SPEC), [rule("c", exclude=("*",))]),
+            match_event(hydra(), [rule("c")]),
+        ]
+        assert [c.ignored_reason for c in cases] == list(IGNORE_REASONS)
