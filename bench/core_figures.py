@@ -47,8 +47,10 @@ def timed(args: list[str], env: dict[str, str], runs: int) -> list[float]:
 def ms(values: list[float]) -> str:
     """Median and p90 in milliseconds."""
     ordered = sorted(values)
-    return (f"median {statistics.median(ordered) * 1000:.1f} ms, "
-            f"p90 {ordered[int(len(ordered) * 0.9) - 1] * 1000:.1f} ms")
+    return (
+        f"median {statistics.median(ordered) * 1000:.1f} ms, "
+        f"p90 {ordered[int(len(ordered) * 0.9) - 1] * 1000:.1f} ms"
+    )
 
 
 def main() -> None:
@@ -74,8 +76,16 @@ def main() -> None:
 
     payload = work / "payload.json"
     payload.write_text(json.dumps(hydra_payload(1, item)))
-    cli = [sys.executable, "-m", "bridge", "enqueue-hydra", "--config", str(config_file),
-           "--json-file", str(payload)]
+    cli = [
+        sys.executable,
+        "-m",
+        "bridge",
+        "enqueue-hydra",
+        "--config",
+        str(config_file),
+        "--json-file",
+        str(payload),
+    ]
     bare = timed([sys.executable, "-c", "pass"], env, runs)
     enqueue = timed(cli, env, runs)
 
@@ -88,8 +98,11 @@ def main() -> None:
     for leftover in layout.incoming.iterdir():
         leftover.unlink()
 
-    daemon = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config",
-                               str(config_file)], env=env, start_new_session=True)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "--config", str(config_file)],
+        env=env,
+        start_new_session=True,
+    )
     try:
         time.sleep(2)
         latencies = []
@@ -113,8 +126,10 @@ def main() -> None:
         daemon.wait(timeout=60)
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, {when}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {when}"
+    )
     print(f"python3 -c pass           : {ms(bare)}")
     print(f"enqueue-hydra (one event) : {ms(enqueue)}")
     print(f"sh -c true                : {ms(sh_true)}")

@@ -46,7 +46,8 @@ def outcome_from(result: CommandResult, program: str, secrets: list[str]) -> Pus
     """Translate a finished command into a push outcome with a redacted error."""
     if result.ok:
         return PushOutcome(ok=True, duration=result.duration)
-    tail = redact(_last_lines(result.output), secrets)
+    # Redact before shortening: a cut through a secret would hide it from redaction.
+    tail = _last_lines(redact(result.output, secrets))
     if result.spawn_error is not None:
         return PushOutcome(
             False, result.duration, "spawn_error", redact(result.spawn_error, secrets)

@@ -54,8 +54,14 @@ def _tail(handle: BinaryIO) -> str:
     size = handle.seek(0, os.SEEK_END)
     handle.seek(max(0, size - OUTPUT_TAIL_BYTES))
     data = handle.read()
-    prefix = f"[… {size - len(data)} bytes of output omitted …]\n" if size > len(data) else ""
-    return prefix + data.decode("utf-8", errors="replace")
+    if size <= len(data):
+        return data.decode("utf-8", errors="replace")
+    # Drop the cut first line: it could hold the end of a secret that can no longer be
+    # recognised (and redacted) as a whole.
+    newline = data.find(b"\n")
+    data = data[newline + 1 :] if newline >= 0 else b""
+    note = f"[… {size - len(data)} bytes of output omitted …]\n"
+    return note + data.decode("utf-8", errors="replace")
 
 
 def run_command(

@@ -35,9 +35,16 @@ class Built:
 
 def nix_expression(names: list[str], *, depends_on_first: bool = False) -> str:
     """A Nix file with one trivial derivation per name (optionally all referring to the first)."""
-    lines = ["let", "  mk = name: script: derivation {", "    inherit name;",
-             "    system = builtins.currentSystem;", '    builder = "/bin/sh";',
-             '    args = [ "-c" script ];', "  };", "in rec {"]
+    lines = [
+        "let",
+        "  mk = name: script: derivation {",
+        "    inherit name;",
+        "    system = builtins.currentSystem;",
+        '    builder = "/bin/sh";',
+        '    args = [ "-c" script ];',
+        "  };",
+        "in rec {",
+    ]
     for index, name in enumerate(names):
         attr = f"d{index}"
         if depends_on_first and index > 0:
@@ -49,8 +56,15 @@ def nix_expression(names: list[str], *, depends_on_first: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(directory: Path, count: int = 1, *, prefix: str = "hcb-test", hook: Path | None = None,
-          depends_on_first: bool = False, env: dict[str, str] | None = None) -> list[Built]:
+def build(
+    directory: Path,
+    count: int = 1,
+    *,
+    prefix: str = "hcb-test",
+    hook: Path | None = None,
+    depends_on_first: bool = False,
+    env: dict[str, str] | None = None,
+) -> list[Built]:
     """Build `count` new derivations with real nix-build; optionally with a post-build-hook."""
     nonce = uuid.uuid4().hex[:12]
     names = [f"{prefix}-{nonce}-{i}" for i in range(count)]
@@ -59,15 +73,17 @@ def build(directory: Path, count: int = 1, *, prefix: str = "hcb-test", hook: Pa
     args = ["nix-build", str(expr), "--no-out-link"]
     if hook is not None:
         args += ["--option", "post-build-hook", str(hook)]
-    done = subprocess.run(args, capture_output=True, text=True, env=offline_env(env), check=False,
-                          timeout=300)
+    done = subprocess.run(
+        args, capture_output=True, text=True, env=offline_env(env), check=False, timeout=300
+    )
     if done.returncode != 0:
         raise RuntimeError(f"nix-build failed: {done.stderr}")
     outs = done.stdout.split()
     result = []
     for name, out in zip(names, outs, strict=True):
-        drv = subprocess.run(["nix-store", "--query", "--deriver", out], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        drv = subprocess.run(
+            ["nix-store", "--query", "--deriver", out], capture_output=True, text=True, check=True
+        ).stdout.strip()
         result.append(Built(name, drv, out))
     return result
 
@@ -77,9 +93,16 @@ def narinfo(cache_dir: Path, built: Built) -> Path:
     return cache_dir / f"{built.hash}.narinfo"
 
 
-def hydra_payload(build_id: int, built: Built, *, project: str = "proj", jobset: str = "main",
-                  job: str = "pkg.x86_64-linux", status: int | None = 0,
-                  extra_outputs: list[dict[str, object]] | None = None) -> dict[str, object]:
+def hydra_payload(
+    build_id: int,
+    built: Built,
+    *,
+    project: str = "proj",
+    jobset: str = "main",
+    job: str = "pkg.x86_64-linux",
+    status: int | None = 0,
+    extra_outputs: list[dict[str, object]] | None = None,
+) -> dict[str, object]:
     """A buildFinished payload with every field Hydra sends (REFERENCE.md §1)."""
     return {
         "event": "buildFinished",
@@ -99,8 +122,17 @@ def hydra_payload(build_id: int, built: Built, *, project: str = "proj", jobset:
         "description": "a test package",
         "license": "MIT",
         "outputs": [{"name": "out", "path": built.out}, *(extra_outputs or [])],
-        "products": [{"productNr": 1, "type": "nix-build", "subtype": "", "fileSize": None,
-                      "sha256hash": None, "path": built.out, "name": built.name,
-                      "defaultPath": ""}],
+        "products": [
+            {
+                "productNr": 1,
+                "type": "nix-build",
+                "subtype": "",
+                "fileSize": None,
+                "sha256hash": None,
+                "path": built.out,
+                "name": built.name,
+                "defaultPath": "",
+            }
+        ],
         "metrics": [{"name": "closure-size", "unit": "bytes", "value": 120}],
     }

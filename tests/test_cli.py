@@ -21,8 +21,14 @@ ITEM = Built("t", DRV, OUT)
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
-                          text=True, env=dict(os.environ, **(env or {})), timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=60,
+        check=False,
+    )
 
 
 def ready_spool(config: Path) -> SpoolLayout:
@@ -32,8 +38,16 @@ def ready_spool(config: Path) -> SpoolLayout:
 
 
 def test_every_subcommand_has_help() -> None:
-    for command in ("run", "enqueue-hydra", "enqueue-hook", "hook-script", "status", "retry",
-                    "check-config", "demo"):
+    for command in (
+        "run",
+        "enqueue-hydra",
+        "enqueue-hook",
+        "hook-script",
+        "status",
+        "retry",
+        "check-config",
+        "demo",
+    ):
         done = run(command, "--help")
         assert done.returncode == 0, command
         assert "Usage:" in done.stdout and "--help" in done.stdout
@@ -44,8 +58,9 @@ def test_console_script_and_module_agree() -> None:
     assert module.returncode == 0 and "hydra-cachix-bridge, version" in module.stdout
 
 
-def test_enqueue_hydra_records_payload_atomically(tmp_path: Path,
-                                                  write_config: Callable[..., Path]) -> None:
+def test_enqueue_hydra_records_payload_atomically(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     layout = ready_spool(config)
     payload = tmp_path / "hydra.json"
@@ -59,20 +74,23 @@ def test_enqueue_hydra_records_payload_atomically(tmp_path: Path,
     assert list(layout.tmp.iterdir()) == []
 
 
-def test_enqueue_hydra_reads_config_from_environment(tmp_path: Path,
-                                                     write_config: Callable[..., Path]) -> None:
+def test_enqueue_hydra_reads_config_from_environment(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     layout = ready_spool(config)
     payload = tmp_path / "hydra.json"
     payload.write_text(json.dumps(hydra_payload(1, ITEM)))
-    done = run("enqueue-hydra", env={"HYDRA_JSON": str(payload),
-                                     "HYDRA_CACHIX_BRIDGE_CONFIG": str(config)})
+    done = run(
+        "enqueue-hydra", env={"HYDRA_JSON": str(payload), "HYDRA_CACHIX_BRIDGE_CONFIG": str(config)}
+    )
     assert done.returncode == 0, done.stderr
     assert len(list(layout.incoming.iterdir())) == 1
 
 
 def test_enqueue_hydra_fails_visibly_when_spool_is_missing(
-        tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     payload = tmp_path / "hydra.json"
     payload.write_text(json.dumps(hydra_payload(1, ITEM)))
@@ -85,13 +103,19 @@ def test_enqueue_hydra_fails_visibly_when_spool_is_missing(
 def test_enqueue_hydra_without_payload_is_a_usage_error(write_config: Callable[..., Path]) -> None:
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_JSON"}
-    done = subprocess.run([sys.executable, "-m", "bridge", "enqueue-hydra", "--config",
-                           str(config)], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "enqueue-hydra", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 2 and "HYDRA_JSON" in done.stderr
 
 
-def test_enqueue_hydra_quarantines_invalid_payload(tmp_path: Path,
-                                                   write_config: Callable[..., Path]) -> None:
+def test_enqueue_hydra_quarantines_invalid_payload(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     layout = ready_spool(config)
     payload = tmp_path / "hydra.json"
@@ -124,7 +148,8 @@ def test_enqueue_hook_always_exits_zero(tmp_path: Path, write_config: Callable[.
 
 
 def test_check_config_reports_every_problem_with_file_and_key(
-        write_config: Callable[..., Path]) -> None:
+    write_config: Callable[..., Path],
+) -> None:
     config = write_config(
         '[push]\nworkers = "four"\nbogus = 1\n'
         '[caches.c]\nbackend = "nix-copy"\n'
@@ -141,7 +166,8 @@ def test_check_config_reports_every_problem_with_file_and_key(
 
 
 def test_check_config_prints_effective_config_without_secrets(
-        tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     token = tmp_path / "token"
     token.write_text("s3cr3t-token-value\n")
     config = write_config(
@@ -162,19 +188,34 @@ def test_status_and_retry(tmp_path: Path, write_config: Callable[..., Path]) -> 
     assert empty.returncode == 0, empty.stderr
     doc = json.loads(empty.stdout)
     assert doc["daemon_running"] is False
-    assert doc["caches"][0]["counts"] == {"pending": 0, "inflight": 0, "pushed": 0,
-                                          "skipped": 0, "dead": 0}
+    assert doc["caches"][0]["counts"] == {
+        "pending": 0,
+        "inflight": 0,
+        "pushed": 0,
+        "skipped": 0,
+        "dead": 0,
+    }
     db = load_config(config).database_path
     queue = Queue(db)
     from bridge.events import Event
 
     now = time.time()
     with queue.transaction():
-        queue.record_event(Event("hydra", now, (OUT,)), spool_name="a", outcome="matched",
-                           targets=[("c", OUT)], now=now)
+        queue.record_event(
+            Event("hydra", now, (OUT,)),
+            spool_name="a",
+            outcome="matched",
+            targets=[("c", OUT)],
+            now=now,
+        )
     (item,) = queue.claim("c", 10, now)
-    queue.mark_failed([([item], now)], reason="exit_status", error="cachix push exited 1: boom",
-                      max_attempts=1, now=now)
+    queue.mark_failed(
+        [([item], now)],
+        reason="exit_status",
+        error="cachix push exited 1: boom",
+        max_attempts=1,
+        now=now,
+    )
     queue.close()
 
     text = run("status", "--config", str(config))
@@ -194,8 +235,9 @@ def test_status_and_retry(tmp_path: Path, write_config: Callable[..., Path]) -> 
 
 
 def test_hook_script_is_bound_to_configured_spool(write_config: Callable[..., Path]) -> None:
-    config = write_config('spool_dir = "/srv/my spool"\n[caches.c]\nbackend = "nix-copy"\n'
-                          'uri = "file:///tmp/x"\n')
+    config = write_config(
+        'spool_dir = "/srv/my spool"\n[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n'
+    )
     done = run("hook-script", "--config", str(config))
     assert done.returncode == 0
     assert done.stdout.startswith("#!/bin/sh\n")
@@ -204,11 +246,16 @@ def test_hook_script_is_bound_to_configured_spool(write_config: Callable[..., Pa
 
 
 def test_run_refuses_a_second_daemon_on_the_same_state(
-        tmp_path: Path, write_config: Callable[..., Path]) -> None:
-    config = write_config('[metrics]\nenabled = false\n[caches.c]\nbackend = "nix-copy"\n'
-                          'uri = "file:///tmp/x"\n')
-    first = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config", str(config)],
-                             stderr=subprocess.PIPE, text=True)
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    config = write_config(
+        '[metrics]\nenabled = false\n[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n'
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         layout = SpoolLayout(load_config(config).spool_dir)
         deadline = time.monotonic() + 20
@@ -233,8 +280,9 @@ def test_run_with_invalid_config_exits_1(write_config: Callable[..., Path]) -> N
     assert f"{config}:caches: at least one [caches.NAME] table is required" in done.stderr
 
 
-def test_producers_do_not_import_the_daemon(tmp_path: Path,
-                                            write_config: Callable[..., Path]) -> None:
+def test_producers_do_not_import_the_daemon(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
     """enqueue-hydra and enqueue-hook run in Hydra's and Nix's path: no heavy imports."""
     config = write_config('[caches.c]\nbackend = "nix-copy"\nuri = "file:///tmp/x"\n')
     ready_spool(config)
@@ -251,10 +299,16 @@ def test_producers_do_not_import_the_daemon(tmp_path: Path,
         "         'bridge.worker', 'exporter.metrics', 'subprocess'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    for args in (["enqueue-hydra", "--config", str(config), "--json-file", str(payload)],
-                 ["enqueue-hook", "--config", str(config)]):
-        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
-                              text=True, env=dict(os.environ, DRV_PATH=DRV, OUT_PATHS=OUT),
-                              check=False)
+    for args in (
+        ["enqueue-hydra", "--config", str(config), "--json-file", str(payload)],
+        ["enqueue-hook", "--config", str(config)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, DRV_PATH=DRV, OUT_PATHS=OUT),
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "[]", (args[0], done.stdout)

@@ -19,8 +19,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     made: list[DaemonProcess] = []
     port = free_port()
 
-    def make(body: str, *, env: dict[str, str] | None = None, start: bool = True,
-             extra_top: str = "") -> DaemonProcess:
+    def make(
+        body: str, *, env: dict[str, str] | None = None, start: bool = True, extra_top: str = ""
+    ) -> DaemonProcess:
         state = tmp_path / "state"
         config = tmp_path / "bridge.toml"
         config.write_text(
@@ -29,8 +30,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             f"[spool]\nrescan_seconds = 2\n"
             f"{body}"
         )
-        daemon = DaemonProcess(config, port, tmp_path / "daemon.log",
-                               env=dict(os.environ, **(env or {})))
+        daemon = DaemonProcess(
+            config, port, tmp_path / "daemon.log", env=dict(os.environ, **(env or {}))
+        )
         made.append(daemon)
         if start:
             daemon.start()

@@ -26,15 +26,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bridge(*args: str, env: dict[str, str] | None = None, input_data: str | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def bridge(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input_data: str | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m bridge ARGS` and capture its output."""
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True,
-                          env=env, input=input_data, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=input_data,
+        timeout=timeout,
+        check=False,
+    )
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-             message: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
     """Poll until condition() is truthy; fail with message after timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -49,8 +64,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
 class DaemonProcess:
     """`hydra-cachix-bridge run` in its own process group, logging to a file."""
 
-    def __init__(self, config: Path, port: int, log_file: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, port: int, log_file: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.port = port
         self.log_file = log_file
@@ -62,10 +78,17 @@ class DaemonProcess:
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
-        wait_for(lambda: self.health()[0] == 200 or self.proc_exited(), ready_timeout,
-                 message="daemon /healthz")
+        wait_for(
+            lambda: self.health()[0] == 200 or self.proc_exited(),
+            ready_timeout,
+            message="daemon /healthz",
+        )
         if self.proc_exited():
             raise AssertionError(f"daemon exited early:\n{self.log()}")
         return self
@@ -94,8 +117,9 @@ class DaemonProcess:
         total = 0.0
         for family in text_string_to_metric_families(self.metrics_text()):
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     total += sample.value
         return total
 

@@ -16,9 +16,7 @@ def test_hook_script_builds_arrive_in_file_cache(
     daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path
 ) -> None:
     cache = tmp_path / "binary-cache"
-    daemon = daemon_factory(
-        f'[caches.local]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
-    )
+    daemon = daemon_factory(f'[caches.local]\nbackend = "nix-copy"\nuri = "file://{cache}"\n')
     hook = tmp_path / "post-build-hook"
     script = bridge("hook-script", "--config", str(daemon.config))
     assert script.returncode == 0, script.stderr
@@ -28,8 +26,10 @@ def test_hook_script_builds_arrive_in_file_cache(
     built = build(workdir, 3, hook=hook, depends_on_first=True)
 
     for item in built:
-        info = wait_for(lambda item=item: narinfo(cache, item).is_file() and narinfo(cache, item),
-                        message=f"narinfo of {item.out}")
+        info = wait_for(
+            lambda item=item: narinfo(cache, item).is_file() and narinfo(cache, item),
+            message=f"narinfo of {item.out}",
+        )
         text = info.read_text()
         assert f"StorePath: {item.out}" in text
         assert f"Deriver: {Path(item.drv).name}" in text
@@ -44,7 +44,9 @@ def test_hook_script_builds_arrive_in_file_cache(
 
 
 def test_hydra_payloads_follow_job_and_status_rules(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     mirror = tmp_path / "mirror"
@@ -63,8 +65,13 @@ def test_hydra_payloads_follow_job_and_status_rules(
         "failed": hydra_payload(102, failed, project="proj", jobset="main", status=1),
         "unmatched": hydra_payload(103, unmatched, project="proj", jobset="dev"),
         "other": hydra_payload(104, other, project="other", jobset="x", status=6),
-        "null-output": hydra_payload(105, excluded, project="proj", jobset="main",
-                                     extra_outputs=[{"name": "dev", "path": None}]),
+        "null-output": hydra_payload(
+            105,
+            excluded,
+            project="proj",
+            jobset="main",
+            extra_outputs=[{"name": "dev", "path": None}],
+        ),
     }
     env = dict(os.environ)
     for name, payload in [*payloads.items(), ("ok-again", payloads["ok"])]:
@@ -76,22 +83,26 @@ def test_hydra_payloads_follow_job_and_status_rules(
         assert "recorded build" in done.stdout
 
     team = fake_cachix / "team"
-    wait_for(lambda: narinfo(team, ok).is_file() and narinfo(team, excluded).is_file(),
-             message="team pushes")
+    wait_for(
+        lambda: narinfo(team, ok).is_file() and narinfo(team, excluded).is_file(),
+        message="team pushes",
+    )
     wait_for(lambda: narinfo(mirror, other).is_file(), message="mirror push")
-    wait_for(lambda: daemon.metric("hydra_cachix_bridge_events_received_total",
-                                   source="hydra") == 6, message="6 events")
+    wait_for(
+        lambda: daemon.metric("hydra_cachix_bridge_events_received_total", source="hydra") == 6,
+        message="6 events",
+    )
     time.sleep(0.5)  # give a wrong push the chance to happen before checking it did not
     assert not narinfo(team, failed).exists()
     assert not narinfo(team, unmatched).exists()
     assert not narinfo(mirror, ok).exists()
     assert not narinfo(team, other).exists()
-    assert daemon.metric("hydra_cachix_bridge_events_ignored_total",
-                         reason="status_filtered") == 1
+    assert daemon.metric("hydra_cachix_bridge_events_ignored_total", reason="status_filtered") == 1
     assert daemon.metric("hydra_cachix_bridge_events_ignored_total", reason="no_rule") == 1
     # The same build notified twice (Hydra may split notifications) is pushed once.
-    calls = [json.loads(line) for line in
-             (tmp_path / "cachix-calls.jsonl").read_text().splitlines()]
+    calls = [
+        json.loads(line) for line in (tmp_path / "cachix-calls.jsonl").read_text().splitlines()
+    ]
     pushed = [p for call in calls if call["exit"] == 0 for p in call["paths"]]
     assert pushed.count(ok.out) == 1
     assert all(call["had_token"] for call in calls)
@@ -108,8 +119,14 @@ def test_enqueue_hydra_with_daemon_down_is_picked_up_later(
     (item,) = build(workdir, 1)
     payload = tmp_path / "p.json"
     payload.write_text(json.dumps(hydra_payload(7, item)))
-    done = bridge("enqueue-hydra", "--config", str(daemon.config), "--json-file", str(payload),
-                  env=offline_env())
+    done = bridge(
+        "enqueue-hydra",
+        "--config",
+        str(daemon.config),
+        "--json-file",
+        str(payload),
+        env=offline_env(),
+    )
     assert done.returncode == 0, done.stderr
     daemon.start()
     wait_for(lambda: narinfo(cache, item).is_file(), message="push after restart")

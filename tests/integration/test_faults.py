@@ -25,8 +25,14 @@ def enqueue(daemon: DaemonProcess, tmp_path: Path, items: list[Built], first_id:
     for offset, item in enumerate(items):
         path = tmp_path / f"payload-{first_id + offset}.json"
         path.write_text(json.dumps(hydra_payload(first_id + offset, item)))
-        done = bridge("enqueue-hydra", "--config", str(daemon.config), "--json-file", str(path),
-                      env=daemon.env)
+        done = bridge(
+            "enqueue-hydra",
+            "--config",
+            str(daemon.config),
+            "--json-file",
+            str(path),
+            env=daemon.env,
+        )
         assert done.returncode == 0, done.stderr
 
 
@@ -43,7 +49,9 @@ def token_file(tmp_path: Path) -> Path:
 
 
 def test_transient_failures_are_retried_until_pushed(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     daemon = daemon_factory(
@@ -53,10 +61,14 @@ def test_transient_failures_are_retried_until_pushed(
     items = build(workdir, 2)
     enqueue(daemon, tmp_path, items)
     for item in items:
-        wait_for(lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
-                 message="push after retries")
-    assert daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team",
-                         reason="exit_status") >= 2
+        wait_for(
+            lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
+            message="push after retries",
+        )
+    assert (
+        daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="exit_status")
+        >= 2
+    )
     assert daemon.metric("hydra_cachix_bridge_retries_total", cache="team") >= 2
     assert daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 0
     assert daemon.counts("team")["pushed"] == 2
@@ -64,13 +76,16 @@ def test_transient_failures_are_retried_until_pushed(
 
 
 def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     items = build(workdir, 6)
     poison = items[3]
     daemon = daemon_factory(
-        PUSH + "max_attempts = 2\nbatch_size = 8\nworkers = 1\n"
+        PUSH
+        + "max_attempts = 2\nbatch_size = 8\nworkers = 1\n"
         + cachix_cache(token=token_file(tmp_path)),
         env={"FAKE_CACHIX_FAIL_PATHS": poison.name},
     )
@@ -102,7 +117,9 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
 
 
 def test_hung_push_is_killed_with_its_process_group_at_timeout(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     daemon = daemon_factory(
@@ -112,13 +129,18 @@ def test_hung_push_is_killed_with_its_process_group_at_timeout(
     (item,) = build(workdir, 1)
     enqueue(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, timeout=60, message="dead letter")
-    assert daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team",
-                         reason="timeout") == 1
+    assert (
+        daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="timeout")
+        == 1
+    )
     assert "timed out" in daemon.status()["dead_letters"][0]["error"]
     # Neither the hung cachix nor the `sleep` child it started survives.
     leftovers = [
-        pid for pid in os.listdir("/proc") if pid.isdigit() and "FAKE_CACHIX_HANG" in
-        _environ(int(pid)) and int(pid) != daemon.proc.pid  # type: ignore[union-attr]
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and "FAKE_CACHIX_HANG" in _environ(int(pid))
+        and int(pid) != daemon.proc.pid  # type: ignore[union-attr]
     ]
     assert leftovers == []
 
@@ -131,7 +153,9 @@ def _environ(pid: int) -> str:
 
 
 def test_sigkill_mid_push_loses_nothing(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     items = build(workdir, 8)
@@ -147,15 +171,19 @@ def test_sigkill_mid_push_loses_nothing(
     daemon.env.pop("FAKE_CACHIX_SLEEP")
     daemon.start()
     for item in items:
-        wait_for(lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
-                 message=f"{item.out} after restart")
+        wait_for(
+            lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
+            message=f"{item.out} after restart",
+        )
     counts = daemon.counts("team")
     assert counts["pushed"] == 8 and counts["inflight"] == 0 and counts["pending"] == 0
     assert "in flight when the last run stopped" in daemon.log()
 
 
 def test_sigterm_lets_running_push_finish_and_keeps_the_rest(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     items = build(workdir, 4)
@@ -180,7 +208,9 @@ def test_sigterm_lets_running_push_finish_and_keeps_the_rest(
 
 
 def test_sigterm_past_grace_kills_the_push_and_leaves_it_pending(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
     fake_cachix: Path,
 ) -> None:
     (item,) = build(workdir, 1)
@@ -199,7 +229,9 @@ def test_sigterm_past_grace_kills_the_push_and_leaves_it_pending(
 
 
 def test_garbage_collected_path_is_skipped_not_retried(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
 ) -> None:
     cache = tmp_path / "cache"
     daemon = daemon_factory(f'[caches.c]\nbackend = "nix-copy"\nuri = "file://{cache}"\n')
@@ -208,21 +240,36 @@ def test_garbage_collected_path_is_skipped_not_retried(
     payload = hydra_payload(9, ghost)
     path = tmp_path / "ghost.json"
     path.write_text(json.dumps(payload))
-    assert bridge("enqueue-hydra", "--config", str(daemon.config), "--json-file", str(path),
-                  env=daemon.env).returncode == 0
+    assert (
+        bridge(
+            "enqueue-hydra",
+            "--config",
+            str(daemon.config),
+            "--json-file",
+            str(path),
+            env=daemon.env,
+        ).returncode
+        == 0
+    )
     wait_for(lambda: daemon.counts("c").get("skipped") == 1, message="skipped")
-    assert daemon.metric("hydra_cachix_bridge_paths_skipped_total", cache="c",
-                         reason="invalid_path") == 1
+    assert (
+        daemon.metric("hydra_cachix_bridge_paths_skipped_total", cache="c", reason="invalid_path")
+        == 1
+    )
     # The failed push revealed the missing path; it is never tried again.
-    assert daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="c",
-                         reason="invalid_path") == 1
+    assert (
+        daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="c", reason="invalid_path")
+        == 1
+    )
     time.sleep(1)
     assert daemon.metric("hydra_cachix_bridge_pushes_started_total", cache="c") == 1
     assert daemon.counts("c")["pending"] == 0
 
 
 def test_spool_directory_removed_is_noticed_and_restored(
-    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path, workdir: Path,
+    daemon_factory: Callable[..., DaemonProcess],
+    tmp_path: Path,
+    workdir: Path,
 ) -> None:
     cache = tmp_path / "cache"
     daemon = daemon_factory(f'[caches.c]\nbackend = "nix-copy"\nuri = "file://{cache}"\n')

@@ -22,7 +22,7 @@ def test_log_follower_pushes_paths_and_keeps_its_offset_across_restart_and_rotat
     daemon = daemon_factory(
         f'[caches.c]\nbackend = "nix-copy"\nuri = "file://{cache}"\n',
         extra_top=f'log_poll_seconds = 0.1\n[[log_sources]]\npath = "{log}"\n'
-                  "resolve_derivations = true\n",
+        "resolve_derivations = true\n",
     )
     first = build(workdir, 2, hook=hook)
     for item in first:

@@ -1,0 +1,161 @@
+"""bridge/store.py against the real local Nix store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from nixhelpers import Built, build, offline_env
+
+import bridge.store
+from bridge.store import NixStore, StoreQueryError, outputs_from_drv_file
+
+MADE_UP = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hcb-never-built"
+MADE_UP_DRV = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hcb-never-built.drv"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> list[Built]:
+    return build(tmp_path_factory.mktemp("store-nix"), 3, prefix="hcb-store")
+
+
+@pytest.fixture(scope="module")
+def multi_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """A real derivation with two outputs; returns (drv, {output name: path})."""
+    directory = tmp_path_factory.mktemp("store-multi")
+    expr = directory / "multi.nix"
+    name = f"hcb-store-multi-{directory.name}"
+    expr.write_text(
+        f'derivation {{ name = "{name}"; system = builtins.currentSystem;'
+        ' builder = "/bin/sh"; outputs = [ "out" "dev" ];'
+        ' args = [ "-c" "echo o > $out; echo d > $dev" ]; }\n'
+    )
+    drv = subprocess.run(
+        ["nix-instantiate", str(expr)],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        check=True,
+    ).stdout.strip()
+    paths = subprocess.run(
+        ["nix-store", "--realise", drv],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        check=True,
+    ).stdout.split()
+    assert len(paths) == 2
+    dev = next(p for p in paths if p.endswith("-dev"))
+    out = next(p for p in paths if p != dev)
+    return drv, {"out": out, "dev": dev}
+
+
+def test_resolve_outputs_reads_the_drv_file(built: list[Built]) -> None:
+    store = NixStore()
+    for b in built:
+        assert outputs_from_drv_file(b.drv) == [b.out]
+        assert store.resolve_outputs(b.drv) == [b.out]
+
+
+def test_resolve_outputs_of_a_multi_output_derivation(
+    multi_output: tuple[str, dict[str, str]],
+) -> None:
+    drv, outputs = multi_output
+    resolved = NixStore().resolve_outputs(drv)
+    assert sorted(resolved) == sorted(outputs.values())
+    # The same answer Nix itself gives.
+    nix = subprocess.run(
+        ["nix-store", "--query", "--outputs", drv], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(resolved) == sorted(nix)
+
+
+def test_resolve_outputs_falls_back_to_nix_store(
+    built: list[Built], multi_output: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a derivation whose .drv file does not name its outputs: Nix is asked.
+    monkeypatch.setattr(bridge.store, "outputs_from_drv_file", lambda _path: None)
+    store = NixStore()
+    assert store.resolve_outputs(built[0].drv) == [built[0].out]
+    drv, outputs = multi_output
+    assert sorted(store.resolve_outputs(drv)) == sorted(outputs.values())
+
+
+def test_resolve_outputs_of_unknown_derivation_raises() -> None:
+    with pytest.raises(StoreQueryError, match="nix-store --query failed"):
+        NixStore().resolve_outputs(MADE_UP_DRV)
+
+
+def test_content_addressed_derivation_asks_nix_and_reports_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A floating CA derivation has no output path in its .drv; Nix 2.8 cannot tell either."""
+    monkeypatch.setenv(
+        "NIX_CONFIG",
+        offline_env()["NIX_CONFIG"] + "\nextra-experimental-features = ca-derivations\n",
+    )
+    expr = tmp_path / "ca.nix"
+    expr.write_text(
+        f'derivation {{ name = "hcb-store-ca-{tmp_path.name}"; system = builtins.currentSystem;'
+        ' builder = "/bin/sh"; args = [ "-c" "echo ca > $out" ];'
+        ' __contentAddressed = true; outputHashMode = "recursive";'
+        ' outputHashAlgo = "sha256"; }\n'
+    )
+    drv = subprocess.run(
+        ["nix-instantiate", str(expr)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert outputs_from_drv_file(drv) is None
+    with pytest.raises(StoreQueryError) as caught:
+        NixStore().resolve_outputs(drv)
+    assert "nix-store --query failed" in str(caught.value)
+
+
+def test_outputs_from_drv_file_on_other_files(built: list[Built], tmp_path: Path) -> None:
+    assert outputs_from_drv_file(built[0].out) is None  # an output, not a derivation
+    assert outputs_from_drv_file(str(tmp_path / "missing.drv")) is None
+    junk = tmp_path / "junk.drv"
+    junk.write_bytes(b"\x00\xff not an ATerm")
+    assert outputs_from_drv_file(str(junk)) is None
+    bad_path = tmp_path / "bad.drv"
+    bad_path.write_text('Derive([("out","/tmp/not-a-store-path","","")],[],[])')
+    assert outputs_from_drv_file(str(bad_path)) is None
+
+
+def test_invalid_paths(built: list[Built]) -> None:
+    store = NixStore()
+    assert store.invalid_paths([]) == set()
+    assert store.invalid_paths([b.out for b in built]) == set()
+    assert store.invalid_paths([MADE_UP]) == {MADE_UP}
+    mixed = [built[0].out, MADE_UP, built[1].out, MADE_UP_DRV]
+    assert store.invalid_paths(mixed) == {MADE_UP, MADE_UP_DRV}
+    # Derivations are valid store paths too.
+    assert store.invalid_paths([built[2].drv]) == set()
+
+
+def test_nar_sizes_match_nix_path_info(built: list[Built]) -> None:
+    paths = [b.out for b in built]
+    sizes = NixStore().nar_sizes(paths)
+    info = subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "path-info", "--json", *paths],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        check=True,
+    ).stdout
+    expected = {entry["path"]: entry["narSize"] for entry in json.loads(info)}
+    assert sizes == expected
+    assert all(size > 0 for size in sizes.values())
+    assert NixStore().nar_sizes([]) == {}
+
+
+def test_nar_sizes_of_an_invalid_path_raises(built: list[Built]) -> None:
+    with pytest.raises(StoreQueryError):
+        NixStore().nar_sizes([built[0].out, MADE_UP])
+
+
+def test_missing_nix_store_executable_raises(tmp_path: Path, built: list[Built]) -> None:
+    store = NixStore(nix_store=str(tmp_path / "no-nix-store"))
+    with pytest.raises(StoreQueryError, match="no-nix-store"):
+        store.invalid_paths([built[0].out])

@@ -1,0 +1,554 @@
+"""bridge/worker.py: PushWorkers with a real queue, real store and real built paths."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from nixhelpers import Built, build, narinfo
+from prometheus_client import CollectorRegistry
+
+from bridge.backends import FAILURE_REASONS, Backend, CachixBackend, PushOutcome
+from bridge.clock import SystemClock
+from bridge.config import CacheConfig, PushSettings
+from bridge.events import REJECT_REASONS, SOURCES, Event
+from bridge.matching import IGNORE_REASONS
+from bridge.queue import Queue
+from bridge.store import NixStore
+from bridge.worker import SKIP_REASONS, BackoffPolicy, PushWorkers, parallel_limits
+from exporter.metrics import BridgeMetrics
+
+GONE = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hcb-garbage-collected"
+P = "hydra_cachix_bridge_"
+
+Handler = Callable[[list[str], float, threading.Event], PushOutcome]
+
+
+def ok(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+    return PushOutcome(ok=True, duration=0.01)
+
+
+class ScriptedBackend:
+    """A Backend whose outcome is decided by a function of the paths; records every call."""
+
+    def __init__(self, name: str, handler: Handler = ok) -> None:
+        self.name = name
+        self.handler = handler
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+
+    def push(self, paths: Sequence[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        with self.lock:
+            self.calls.append(list(paths))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            return self.handler(list(paths), timeout, cancel)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def failing(reason: str = "exit_status", error: str = "cache said no") -> Handler:
+    def handler(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        return PushOutcome(ok=False, duration=0.01, reason=reason, error=error)
+
+    return handler
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> list[Built]:
+    return build(tmp_path_factory.mktemp("worker-nix"), 10, prefix="hcb-worker")
+
+
+class Harness:
+    """A queue database, metrics on a fresh registry, and the workers under test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.db = tmp_path / "state" / "queue.sqlite3"
+        self.queue = Queue(self.db)
+        self.registry = CollectorRegistry()
+        self.workers: list[PushWorkers] = []
+        self.metrics: BridgeMetrics | None = None
+
+    def enqueue(self, cache: str, paths: Sequence[str]) -> None:
+        now = time.time()
+        event = Event(source="hook", received_at=now, out_paths=tuple(paths))
+        with self.queue.transaction():
+            self.queue.record_event(
+                event,
+                spool_name=f"{uuid.uuid4().hex}.json",
+                outcome="matched",
+                targets=[(cache, p) for p in paths],
+                now=now,
+            )
+
+    def start(
+        self,
+        caches: dict[str, CacheConfig],
+        backends: dict[str, Backend],
+        rng: random.Random | None = None,
+        **settings: float,
+    ) -> PushWorkers:
+        defaults: dict[str, float] = {
+            "workers": 1,
+            "batch_size": 8,
+            "timeout_seconds": 10.0,
+            "max_attempts": 2,
+            "backoff_initial_seconds": 0.0,
+            "backoff_max_seconds": 0.0,
+        }
+        defaults.update(settings)
+        self.metrics = BridgeMetrics(
+            self.registry,
+            version="test",
+            caches={name: cache.backend for name, cache in caches.items()},
+            sources=SOURCES,
+            reject_reasons=REJECT_REASONS,
+            ignore_reasons=IGNORE_REASONS,
+            failure_reasons=FAILURE_REASONS,
+            skip_reasons=SKIP_REASONS,
+        )
+        workers = PushWorkers(
+            settings=PushSettings(**defaults),  # type: ignore[arg-type]
+            caches=caches,
+            backends=backends,
+            queue_factory=lambda: Queue(self.db),
+            store=NixStore(),
+            metrics=self.metrics,
+            clock=SystemClock(),
+            rng=rng,
+        )
+        self.workers.append(workers)
+        workers.start()
+        return workers
+
+    def value(self, name: str, **labels: str) -> float:
+        sample = self.registry.get_sample_value(P + name, labels)
+        assert sample is not None, f"no sample {name} {labels}"
+        return sample
+
+    def count(self, cache: str, state: str) -> int:
+        return self.queue.counts().get((cache, state), 0)
+
+    def settled(self, cache: str) -> bool:
+        counts = self.queue.counts()
+        return counts.get((cache, "pending"), 0) + counts.get((cache, "inflight"), 0) == 0
+
+    def item(self, cache: str, path: str) -> tuple[str, int, float, float, str | None]:
+        row = self.queue.conn.execute(
+            "SELECT state, attempts, next_attempt_at, updated_at, last_reason FROM items"
+            " WHERE cache = ? AND path = ?",
+            (cache, path),
+        ).fetchone()
+        assert row is not None
+        return row  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    for workers in h.workers:
+        workers.stop(2.0)
+    h.queue.close()
+
+
+def cache(name: str, backend: str = "nix-copy", **kwargs: object) -> CacheConfig:
+    uri = f"file:///tmp/unused-{name}" if backend == "nix-copy" else None
+    return CacheConfig(name=name, backend=backend, uri=uri, **kwargs)  # type: ignore[arg-type]
+
+
+# -- batching and success ----------------------------------------------------------------
+
+
+def test_batches_per_cache_up_to_batch_size(harness: Harness, built: list[Built]) -> None:
+    a_paths = [b.out for b in built[:5]]
+    b_paths = [b.out for b in built[5:8]]
+    harness.enqueue("a", a_paths)
+    harness.enqueue("b", b_paths)
+    a, b = ScriptedBackend("a"), ScriptedBackend("b")
+    harness.start({"a": cache("a"), "b": cache("b")}, {"a": a, "b": b}, batch_size=2)
+    wait_until(lambda: harness.settled("a") and harness.settled("b"))
+    assert harness.count("a", "pushed") == 5
+    assert harness.count("b", "pushed") == 3
+    assert all(1 <= len(call) <= 2 for call in a.calls + b.calls)
+    assert [len(call) for call in a.calls] == [2, 2, 1]
+    assert [len(call) for call in b.calls] == [2, 1]
+    assert sorted(p for call in a.calls for p in call) == sorted(a_paths)
+    assert sorted(p for call in b.calls for p in call) == sorted(b_paths)
+
+
+def test_one_batch_holds_up_to_batch_size_paths(harness: Harness, built: list[Built]) -> None:
+    paths = [b.out for b in built[:6]]
+    harness.enqueue("c", paths)
+    backend = ScriptedBackend("c")
+    harness.start({"c": cache("c")}, {"c": backend}, batch_size=32)
+    wait_until(lambda: harness.settled("c"))
+    assert backend.calls == [paths]
+
+
+def test_success_marks_pushed_and_updates_metrics(harness: Harness, built: list[Built]) -> None:
+    paths = [b.out for b in built[:3]]
+    harness.enqueue("c", paths)
+    backend = ScriptedBackend("c")
+    before = time.time()
+    harness.start({"c": cache("c", backend="cachix")}, {"c": backend})
+    wait_until(lambda: harness.settled("c"))
+    after = time.time()
+    assert harness.count("c", "pushed") == 3
+    labels = {"cache": "c", "backend": "cachix"}
+    assert harness.value("pushes_started_total", **labels) == 1
+    assert harness.value("pushes_succeeded_total", **labels) == 1
+    assert harness.value("pushes_failed_total", reason="exit_status", **labels) == 0
+    assert harness.value("paths_pushed_total", cache="c") == 3
+    expected_bytes = sum(NixStore().nar_sizes(paths).values())
+    assert expected_bytes > 0
+    assert harness.value("pushed_bytes_total", cache="c") == expected_bytes
+    assert before <= harness.value("last_success_timestamp_seconds", cache="c") <= after
+    assert harness.value("push_duration_seconds_count", cache="c") == 1
+    assert harness.value("push_duration_seconds_sum", cache="c") == pytest.approx(0.01)
+    assert harness.value("end_to_end_latency_seconds_count", cache="c") == 3
+    assert harness.value("retries_total", cache="c") == 0
+    (status,) = harness.queue.cache_statuses(["c"])
+    assert status.last_success_at is not None and before <= status.last_success_at <= after
+
+
+def test_enqueue_after_start_is_picked_up_on_wake(harness: Harness, built: list[Built]) -> None:
+    backend = ScriptedBackend("c")
+    workers = harness.start({"c": cache("c")}, {"c": backend})
+    time.sleep(0.1)  # the worker is idle now (it would otherwise poll only every 5 s)
+    harness.enqueue("c", [built[0].out])
+    workers.wake()
+    wait_until(lambda: harness.count("c", "pushed") == 1, timeout=3)
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_poisoned_path_is_isolated_and_dead_lettered_alone(
+    harness: Harness, built: list[Built]
+) -> None:
+    paths = [b.out for b in built[:8]]
+    poison = paths[5]
+
+    def handler(batch: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        if poison in batch:
+            return PushOutcome(False, 0.01, "exit_status", f"cannot push {poison}")
+        return PushOutcome(True, 0.01)
+
+    harness.enqueue("c", paths)
+    backend = ScriptedBackend("c", handler)
+    harness.start({"c": cache("c")}, {"c": backend}, batch_size=8, max_attempts=2)
+    wait_until(lambda: harness.settled("c"))
+
+    dead = harness.queue.dead_letters()
+    assert [d.path for d in dead] == [poison]
+    assert dead[0].reason == "exit_status"
+    assert poison in (dead[0].error or "")
+    assert harness.count("c", "pushed") == 7
+    assert harness.count("c", "dead") == 1
+    pushed = {p for call in backend.calls if poison not in call for p in call}
+    assert pushed == set(paths) - {poison}
+    assert backend.calls[0] == paths  # first the whole batch ...
+    assert backend.calls[-1] == [poison]  # ... and at last the poison alone
+    assert [len(c) for c in backend.calls if poison in c] == [8, 4, 2, 1]
+    assert harness.value("dead_letters_total", cache="c") == 1
+    assert harness.value("paths_pushed_total", cache="c") == 7
+    assert harness.value("paths_failed_total", cache="c", reason="exit_status") == 8 + 4 + 2 + 1
+
+
+def test_failing_single_path_is_retried_then_dead_lettered(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [built[0].out])
+    backend = ScriptedBackend("c", failing("timeout", "push timed out"))
+    harness.start({"c": cache("c")}, {"c": backend}, max_attempts=3)
+    wait_until(lambda: harness.settled("c"))
+    assert len(backend.calls) == 3
+    state, attempts, *_rest, reason = harness.item("c", built[0].out)
+    assert (state, attempts, reason) == ("dead", 3, "timeout")
+    labels = {"cache": "c", "backend": "nix-copy", "reason": "timeout"}
+    assert harness.value("pushes_failed_total", **labels) == 3
+    assert harness.value("retries_total", cache="c") == 2
+    assert harness.value("dead_letters_total", cache="c") == 1
+    assert harness.value("last_failure_timestamp_seconds", cache="c") > 0
+
+
+def test_failure_schedules_retry_with_jittered_backoff(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [built[0].out])
+    backend = ScriptedBackend("c", failing())
+    harness.start(
+        {"c": cache("c")},
+        {"c": backend},
+        rng=random.Random(7),
+        max_attempts=5,
+        backoff_initial_seconds=100.0,
+        backoff_max_seconds=1000.0,
+    )
+    wait_until(lambda: harness.item("c", built[0].out)[1] == 1)
+    state, attempts, next_at, updated_at, reason = harness.item("c", built[0].out)
+    assert (state, attempts, reason) == ("pending", 1, "exit_status")
+    expected = 100.0 * (0.5 + 0.5 * random.Random(7).random())
+    assert next_at - updated_at == pytest.approx(expected)
+    assert 50.0 <= next_at - updated_at <= 100.0
+    time.sleep(0.2)
+    assert len(backend.calls) == 1  # not retried before it is due
+
+
+def test_backoff_policy_is_exponential_capped_and_jittered() -> None:
+    policy = BackoffPolicy(initial=2.0, maximum=30.0, rng=random.Random(1234))
+    for attempts in range(1, 12):
+        base = min(30.0, 2.0 * 2 ** (attempts - 1))
+        delays = [policy.delay(attempts) for _ in range(200)]
+        assert all(0.5 * base <= d <= base for d in delays), attempts
+        assert len(set(delays)) > 100  # jittered, not a constant
+        assert min(delays) < 0.6 * base and max(delays) > 0.9 * base
+    assert 1.0 <= policy.delay(0) <= 2.0  # before the first failure: like the first
+    same_a = BackoffPolicy(2.0, 30.0, random.Random(99))
+    same_b = BackoffPolicy(2.0, 30.0, random.Random(99))
+    assert [same_a.delay(n) for n in range(1, 8)] == [same_b.delay(n) for n in range(1, 8)]
+    assert BackoffPolicy(0.0, 0.0, random.Random(1)).delay(5) == 0.0
+
+
+def test_unexpected_backend_exception_leaves_items_queued(
+    harness: Harness, built: list[Built]
+) -> None:
+    calls = {"n": 0}
+
+    def handler(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("backend bug")
+        return PushOutcome(True, 0.01)
+
+    harness.enqueue("c", [built[0].out, built[1].out])
+    harness.start({"c": cache("c")}, {"c": ScriptedBackend("c", handler)})
+    wait_until(lambda: harness.count("c", "pushed") == 2)
+    assert harness.item("c", built[0].out)[1] == 0  # not counted as an attempt
+
+
+# -- garbage-collected paths -------------------------------------------------------------
+
+
+def like_a_real_cache(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+    """Fails the whole push when a path is missing from the store, as cachix and nix copy do."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        return PushOutcome(False, 0.01, "exit_status", f"path {missing[0]} is not valid")
+    return PushOutcome(True, 0.01)
+
+
+def test_garbage_collected_path_is_skipped_never_pushed(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [built[0].out, GONE, built[1].out])
+    harness.enqueue("d", [GONE])
+    c = ScriptedBackend("c", like_a_real_cache)
+    d = ScriptedBackend("d", like_a_real_cache)
+    harness.start({"c": cache("c"), "d": cache("d")}, {"c": c, "d": d}, max_attempts=5)
+    wait_until(lambda: harness.settled("c") and harness.settled("d"))
+    assert harness.count("c", "pushed") == 2
+    assert harness.count("c", "skipped") == 1
+    assert harness.count("d", "skipped") == 1
+    for name in ("c", "d"):
+        state, _attempts, _next, _updated, reason = harness.item(name, GONE)
+        assert (state, reason) == ("skipped", "invalid_path")
+    # The gone path was never part of a push that succeeded, and never retried forever.
+    succeeded = [call for call in c.calls if GONE not in call]
+    assert sorted(p for call in succeeded for p in call) == sorted([built[0].out, built[1].out])
+    assert sum(GONE in call for call in c.calls + d.calls) <= 2
+    # Its batch-mates were not charged for it.
+    assert harness.item("c", built[0].out)[1] == 0
+    assert harness.item("c", built[1].out)[1] == 0
+    assert harness.value("paths_skipped_total", cache="c", reason="invalid_path") == 1
+    assert harness.value("paths_skipped_total", cache="d", reason="invalid_path") == 1
+    assert harness.value("paths_pushed_total", cache="c") == 2
+    assert harness.value("paths_pushed_total", cache="d") == 0
+    assert harness.value("dead_letters_total", cache="c") == 0
+
+
+# -- fairness between caches -------------------------------------------------------------
+
+
+def test_parallel_limits_leave_room_for_other_caches() -> None:
+    caches = {n: cache(n) for n in ("a", "b", "c")}
+    assert parallel_limits(caches, 4) == {"a": 2, "b": 2, "c": 2}
+    assert parallel_limits(caches, 1) == {"a": 1, "b": 1, "c": 1}
+    assert parallel_limits({"a": cache("a")}, 4) == {"a": 4}
+    caches["b"] = cache("b", max_parallel=3)
+    assert parallel_limits(caches, 8) == {"a": 6, "b": 3, "c": 6}
+
+
+def test_a_slow_cache_never_takes_every_worker(harness: Harness, built: list[Built]) -> None:
+    gate = threading.Event()
+
+    def blocked(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        gate.wait(10)
+        return PushOutcome(True, 0.01)
+
+    harness.enqueue("slow", [b.out for b in built[:4]])
+    harness.enqueue("fast", [b.out for b in built[4:6]])
+    slow, fast = ScriptedBackend("slow", blocked), ScriptedBackend("fast")
+    harness.start(
+        {"slow": cache("slow"), "fast": cache("fast")},
+        {"slow": slow, "fast": fast},
+        workers=2,
+        batch_size=1,
+    )
+    try:
+        wait_until(lambda: harness.count("fast", "pushed") == 2, timeout=5)
+        assert slow.active == 1
+        assert harness.count("slow", "inflight") == 1
+        assert harness.count("slow", "pushed") == 0
+    finally:
+        gate.set()
+    wait_until(lambda: harness.count("slow", "pushed") == 4)
+    assert slow.max_active == 1
+
+
+def test_a_cache_that_is_down_does_not_stop_another(harness: Harness, built: list[Built]) -> None:
+    harness.enqueue("down", [b.out for b in built[:3]])
+    harness.enqueue("up", [b.out for b in built[3:9]])
+    down = ScriptedBackend("down", failing("exit_status", "connection refused"))
+    up = ScriptedBackend("up")
+    harness.start(
+        {"down": cache("down", backend="cachix"), "up": cache("up")},
+        {"down": down, "up": up},
+        workers=2,
+        batch_size=2,
+        max_attempts=1000,
+        backoff_initial_seconds=0.05,
+        backoff_max_seconds=0.1,
+    )
+    wait_until(lambda: harness.count("up", "pushed") == 6, timeout=10)
+    labels = {"cache": "down", "backend": "cachix", "reason": "exit_status"}
+    wait_until(lambda: harness.value("pushes_failed_total", **labels) >= 3)
+    assert len(down.calls) >= 3
+    counts = harness.queue.counts()
+    assert counts.get(("down", "pushed"), 0) == 0
+    assert counts.get(("down", "dead"), 0) == 0
+    assert harness.value("last_failure_timestamp_seconds", cache="down") > 0
+    (status,) = [s for s in harness.queue.cache_statuses([]) if s.cache == "down"]
+    assert status.last_error == "connection refused"
+    assert status.last_success_at is None
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+def test_stop_lets_a_running_push_finish(harness: Harness, built: list[Built]) -> None:
+    started = threading.Event()
+
+    def slow(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        started.set()
+        time.sleep(0.5)
+        return PushOutcome(not cancel.is_set(), 0.5, None if not cancel.is_set() else "timeout")
+
+    harness.enqueue("c", [built[0].out, built[1].out])
+    workers = harness.start({"c": cache("c")}, {"c": ScriptedBackend("c", slow)}, batch_size=2)
+    assert started.wait(5)
+    assert workers.stop(5.0) is True
+    assert not workers.cancel.is_set()
+    assert harness.count("c", "pushed") == 2
+
+
+def test_stop_cancels_a_hanging_push_and_leaves_items_pending(
+    harness: Harness, built: list[Built]
+) -> None:
+    started = threading.Event()
+
+    def hang(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        started.set()
+        if cancel.wait(30):
+            return PushOutcome(False, 0.3, "timeout", "cancelled at shutdown", cancelled=True)
+        return PushOutcome(True, 30)
+
+    paths = [built[0].out, built[1].out]
+    harness.enqueue("c", paths)
+    backend = ScriptedBackend("c", hang)
+    workers = harness.start({"c": cache("c")}, {"c": backend}, batch_size=2, max_attempts=1)
+    assert started.wait(5)
+    began = time.monotonic()
+    assert workers.stop(0.3) is False
+    assert time.monotonic() - began < 5
+    assert workers.cancel.is_set()
+    assert harness.count("c", "pending") == 2
+    for path in paths:
+        state, attempts, *_ = harness.item("c", path)
+        assert (state, attempts) == ("pending", 0)
+    assert (
+        harness.value("pushes_failed_total", cache="c", backend="nix-copy", reason="timeout") == 0
+    )
+    assert harness.value("dead_letters_total", cache="c") == 0
+    assert len(backend.calls) == 1
+
+
+# -- with the real cachix backend (stand-in on PATH) -------------------------------------
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("worker-test-token")
+    return path
+
+
+def test_real_cachix_backend_pushes_and_isolates_a_poison_path(
+    harness: Harness,
+    built: list[Built],
+    fake_cachix: Path,
+    token_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good, poison = built[:3], built[3]
+    monkeypatch.setenv("FAKE_CACHIX_FAIL_PATHS", poison.name)
+    config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
+    harness.enqueue("cx", [b.out for b in [*good, poison]])
+    harness.start({"cx": config}, {"cx": CachixBackend(config)}, batch_size=4, max_attempts=2)
+    wait_until(lambda: harness.settled("cx"), timeout=30)
+    assert [d.path for d in harness.queue.dead_letters()] == [poison.out]
+    assert harness.count("cx", "pushed") == 3
+    for b in good:
+        assert narinfo(fake_cachix / "cx", b).exists()
+    assert not narinfo(fake_cachix / "cx", poison).exists()
+    assert harness.value("pushes_succeeded_total", cache="cx", backend="cachix") >= 2
+    assert harness.value("dead_letters_total", cache="cx") == 1
+
+
+def test_real_cachix_hang_is_killed_at_stop_and_items_stay_pending(
+    harness: Harness,
+    built: list[Built],
+    fake_cachix: Path,
+    token_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_CACHIX_HANG", "1")
+    config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
+    harness.enqueue("cx", [built[0].out])
+    workers = harness.start({"cx": config}, {"cx": CachixBackend(config)}, max_attempts=1)
+    wait_until(lambda: harness.count("cx", "inflight") == 1)
+    time.sleep(0.3)  # let the stand-in start and hang
+    assert workers.stop(0.2) is False
+    state, attempts, *_ = harness.item("cx", built[0].out)
+    assert (state, attempts) == ("pending", 0)
+    assert harness.value("pushes_started_total", cache="cx", backend="cachix") == 1
+    assert harness.value("pushes_failed_total", cache="cx", backend="cachix", reason="timeout") == 0
