@@ -76,6 +76,7 @@ class Daemon:
             ignore_reasons=IGNORE_REASONS,
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
+            per_jobset=config.metrics.per_jobset,
         )
         self.stopping = threading.Event()
         self.notifications: queue_module.SimpleQueue[Notification | None] = (

@@ -174,25 +174,30 @@ def run_demo(
     ]
     if missing:
         raise DemoError(f"narinfo missing in {cache_dir} for: {', '.join(missing)}")
-    m = daemon.metrics
-    events = sum(m.events_received.labels(s)._value.get() for s in ("hook", "hydra"))
+
+    def value(name: str, **labels: str) -> float:
+        sample = daemon.registry.get_sample_value(f"hydra_cachix_bridge_{name}", labels)
+        return sample or 0.0
+
+    from_hook = value("events_received_total", source="hook")
+    from_hydra = value("events_received_total", source="hydra")
+    invocations = value("pushes_succeeded_total", cache="local", backend="nix-copy")
     return "\n".join(
         [
             "",
             "demo finished: every built path is in the binary cache",
             f"  built           {len(out_paths)} derivations "
             f"(nix-build, post-build-hook {hook.name})",
-            f"  events          {events:.0f} recorded "
-            f"({m.events_received.labels('hook')._value.get():.0f} from the hook, "
-            f"{m.events_received.labels('hydra')._value.get():.0f} from Hydra's RunCommand)",
+            f"  events          {from_hook + from_hydra:.0f} recorded "
+            f"({from_hook:.0f} from the hook, {from_hydra:.0f} from Hydra's RunCommand)",
             "  queue           "
             + ", ".join(
                 f"{counts.get(state, 0)} {state}"
                 for state in ("pushed", "pending", "skipped", "dead")
             )
             + " (all demo runs in this state directory)",
-            f"  pushes          {m.pushes_succeeded.labels('local', 'nix-copy')._value.get():.0f} "
-            f"nix copy invocation(s), {m.paths_pushed.labels('local')._value.get():.0f} path(s)",
+            f"  pushes          {invocations:.0f}"
+            f" nix copy invocation(s), {value('paths_pushed_total', cache='local'):.0f} path(s)",
             f"  binary cache    {cache.uri} ({len(out_paths)} narinfo files checked)",
             f"  state           {config.state_dir}",
             f"  took            {time.monotonic() - started:.1f}s",

@@ -82,6 +82,8 @@ class Item:
     enqueued_at: float
     event_id: int | None
     source: str
+    project: str | None = None
+    jobset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -252,9 +254,11 @@ class Queue:
         """Take up to batch_size due items of a cache, honouring per-item split limits."""
         with self.transaction():
             rows = self.conn.execute(
-                "SELECT id, path, attempts, origin_at, enqueued_at, event_id, source, batch_limit"
-                " FROM items WHERE cache = ? AND state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, id LIMIT ?",
+                "SELECT items.id, path, attempts, origin_at, enqueued_at, event_id, items.source,"
+                " batch_limit, events.project, events.jobset"
+                " FROM items LEFT JOIN events ON events.id = items.event_id"
+                " WHERE cache = ? AND state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, items.id LIMIT ?",
                 (cache, now, batch_size),
             ).fetchall()
             batch: list[Item] = []
@@ -265,7 +269,20 @@ class Queue:
                 if batch and len(batch) + 1 > min(cap, limit):
                     break
                 cap = min(cap, limit)
-                batch.append(Item(row[0], cache, row[1], row[2], row[3], row[4], row[5], row[6]))
+                batch.append(
+                    Item(
+                        row[0],
+                        cache,
+                        row[1],
+                        row[2],
+                        row[3],
+                        row[4],
+                        row[5],
+                        row[6],
+                        row[8],
+                        row[9],
+                    )
+                )
             if batch:
                 self.conn.executemany(
                     "UPDATE items SET state = 'inflight', updated_at = ? WHERE id = ?",

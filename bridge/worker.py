@@ -176,7 +176,7 @@ class PushWorkers:
         if outcome.ok:
             queue.mark_pushed(items, now)
             m.pushes_succeeded.labels(cache, config.backend).inc()
-            m.paths_pushed.labels(cache).inc(len(items))
+            m.count_paths(cache, ((item.project, item.jobset) for item in items))
             m.last_success.labels(cache).set(now)
             for item in items:
                 m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
@@ -247,7 +247,7 @@ class PushWorkers:
         )
         m = self.metrics
         m.pushes_failed.labels(cache, config.backend, reason).inc()
-        m.paths_failed.labels(cache, reason).inc(len(items))
+        m.count_paths(cache, ((item.project, item.jobset) for item in items), reason)
         m.last_failure.labels(cache).set(now)
         m.retries.labels(cache).inc(len(items) - len(dead))
         m.dead_letters.labels(cache).inc(len(dead))

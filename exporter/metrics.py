@@ -28,8 +28,11 @@ class BridgeMetrics:
         ignore_reasons: Sequence[str],
         failure_reasons: Sequence[str],
         skip_reasons: Sequence[str],
+        per_jobset: bool = False,
     ) -> None:
         self.registry = registry
+        self.per_jobset = per_jobset
+        jobset_labels = ["project", "jobset"] if per_jobset else []
         r = registry
         self.build_info = Info(f"{PREFIX}_build", "Version of hydra-cachix-bridge", registry=r)
         self.build_info.info({"version": version})
@@ -79,12 +82,15 @@ class BridgeMetrics:
             registry=r,
         )
         self.paths_pushed = Counter(
-            f"{PREFIX}_paths_pushed_total", "Store paths pushed", ["cache"], registry=r
+            f"{PREFIX}_paths_pushed_total",
+            "Store paths pushed",
+            ["cache", *jobset_labels],
+            registry=r,
         )
         self.paths_failed = Counter(
             f"{PREFIX}_paths_failed_total",
             "Store paths in a failed push, by reason",
-            ["cache", "reason"],
+            ["cache", "reason", *jobset_labels],
             registry=r,
         )
         self.paths_skipped = Counter(
@@ -166,17 +172,37 @@ class BridgeMetrics:
             self.paths_enqueued.labels(cache)
             self.pushes_started.labels(cache, backend)
             self.pushes_succeeded.labels(cache, backend)
+            # With per_jobset, only the series of events without a job (hook, log) exist
+            # in advance; project/jobset series appear with their first push.
+            extra = ["", ""] if per_jobset else []
             for reason in failure_reasons:
                 self.pushes_failed.labels(cache, backend, reason)
-                self.paths_failed.labels(cache, reason)
+                self.paths_failed.labels(cache, reason, *extra)
             for reason in skip_reasons:
                 self.paths_skipped.labels(cache, reason)
-            self.paths_pushed.labels(cache)
+            self.paths_pushed.labels(cache, *extra)
             self.bytes_pushed.labels(cache)
             self.push_duration.labels(cache)
             self.end_to_end.labels(cache)
             self.retries.labels(cache)
             self.dead_letters.labels(cache)
+
+    def count_paths(
+        self,
+        cache: str,
+        origins: Iterable[tuple[str | None, str | None]],
+        reason: str | None = None,
+    ) -> None:
+        """Count pushed (reason None) or failed paths, by project/jobset when opted in."""
+        groups: dict[tuple[str, ...], int] = {}
+        for project, jobset in origins:
+            key: tuple[str, ...] = (project or "", jobset or "") if self.per_jobset else ()
+            groups[key] = groups.get(key, 0) + 1
+        for key, count in groups.items():
+            if reason is None:
+                self.paths_pushed.labels(cache, *key).inc(count)
+            else:
+                self.paths_failed.labels(cache, reason, *key).inc(count)
 
 
 class QueueCollector(Collector):

@@ -1,0 +1,156 @@
+"""exporter/metrics.py: names, types, pre-created label sets, the queue collector, promtool."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bridge.backends import FAILURE_REASONS
+from bridge.events import REJECT_REASONS, SOURCES
+from bridge.matching import IGNORE_REASONS
+from bridge.queue import STATES, Queue
+from bridge.worker import SKIP_REASONS
+from exporter.metrics import PREFIX, UPLOAD_BUCKETS, BridgeMetrics, QueueCollector
+
+CACHES = {"team": "cachix", "mirror": "nix-copy"}
+ALLOWED_LABELS = {"cache", "backend", "source", "reason", "state", "le", "version", "index"}
+
+
+def make(registry: CollectorRegistry, per_jobset: bool = False) -> BridgeMetrics:
+    return BridgeMetrics(
+        registry,
+        version="9.9.9",
+        caches=CACHES,
+        sources=SOURCES,
+        reject_reasons=REJECT_REASONS,
+        ignore_reasons=IGNORE_REASONS,
+        failure_reasons=FAILURE_REASONS,
+        skip_reasons=SKIP_REASONS,
+        per_jobset=per_jobset,
+    )
+
+
+def test_every_name_follows_prometheus_conventions() -> None:
+    registry = CollectorRegistry()
+    make(registry)
+    for family in registry.collect():
+        assert family.name.startswith(f"{PREFIX}_"), family.name
+        assert re.fullmatch(r"[a-z_]+", family.name)
+        for sample in family.samples:
+            assert set(sample.labels) <= ALLOWED_LABELS, (sample.name, sample.labels)
+            if family.type == "counter" and not sample.name.endswith("_created"):
+                assert sample.name.endswith("_total"), sample.name
+        if "timestamp" in family.name:
+            assert family.name.endswith("_timestamp_seconds")
+        assert family.type != "summary"
+
+
+def test_known_label_sets_exist_at_zero_before_any_event() -> None:
+    registry = CollectorRegistry()
+    make(registry)
+    value = registry.get_sample_value
+    for cache, backend in CACHES.items():
+        assert value(f"{PREFIX}_paths_pushed_total", {"cache": cache}) == 0
+        assert value(f"{PREFIX}_pushes_started_total", {"cache": cache, "backend": backend}) == 0
+        for reason in FAILURE_REASONS:
+            labels = {"cache": cache, "backend": backend, "reason": reason}
+            assert value(f"{PREFIX}_pushes_failed_total", labels) == 0
+        assert value(f"{PREFIX}_dead_letters_total", {"cache": cache}) == 0
+        assert value(f"{PREFIX}_push_duration_seconds_count", {"cache": cache}) == 0
+    for source in SOURCES:
+        assert value(f"{PREFIX}_events_received_total", {"source": source}) == 0
+        for reason in IGNORE_REASONS:
+            labels = {"source": source, "reason": reason}
+            assert value(f"{PREFIX}_events_ignored_total", labels) == 0
+    for reason in REJECT_REASONS:
+        assert value(f"{PREFIX}_events_rejected_total", {"reason": reason}) == 0
+    assert value(f"{PREFIX}_build_info", {"version": "9.9.9"}) == 1
+
+
+def test_upload_buckets_span_sub_second_to_an_hour() -> None:
+    assert UPLOAD_BUCKETS[0] <= 0.25 and UPLOAD_BUCKETS[-1] >= 3600
+    assert list(UPLOAD_BUCKETS) == sorted(UPLOAD_BUCKETS)
+    registry = CollectorRegistry()
+    metrics = make(registry)
+    metrics.push_duration.labels("team").observe(42)
+    text = generate_latest(registry).decode()
+    assert f'{PREFIX}_push_duration_seconds_bucket{{cache="team",le="60.0"}} 1.0' in text
+    assert f'{PREFIX}_push_duration_seconds_bucket{{cache="team",le="30.0"}} 0.0' in text
+
+
+def test_per_jobset_adds_project_and_jobset_to_path_counters_only() -> None:
+    registry = CollectorRegistry()
+    metrics = make(registry, per_jobset=True)
+    metrics.count_paths("team", [("nixpkgs", "trunk"), ("nixpkgs", "trunk"), (None, None)])
+    metrics.count_paths("team", [("nixpkgs", "staging")], reason="timeout")
+    value = registry.get_sample_value
+    labels = {"cache": "team", "project": "nixpkgs", "jobset": "trunk"}
+    assert value(f"{PREFIX}_paths_pushed_total", labels) == 2
+    assert (
+        value(f"{PREFIX}_paths_pushed_total", {"cache": "team", "project": "", "jobset": ""}) == 1
+    )
+    failed = {"cache": "team", "reason": "timeout", "project": "nixpkgs", "jobset": "staging"}
+    assert value(f"{PREFIX}_paths_failed_total", failed) == 1
+    for family in registry.collect():
+        if family.name not in (f"{PREFIX}_paths_pushed", f"{PREFIX}_paths_failed"):
+            for sample in family.samples:
+                assert "project" not in sample.labels and "jobset" not in sample.labels
+
+
+def test_without_per_jobset_path_counters_have_no_job_labels() -> None:
+    registry = CollectorRegistry()
+    metrics = make(registry)
+    metrics.count_paths("team", [("nixpkgs", "trunk")] * 3)
+    assert registry.get_sample_value(f"{PREFIX}_paths_pushed_total", {"cache": "team"}) == 3
+
+
+def test_queue_collector_reads_the_database_at_scrape_time(tmp_path: Path) -> None:
+    from bridge.events import Event
+
+    queue = Queue(tmp_path / "q.sqlite3")
+    now = time.time()
+    path = "/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t"
+    registry = CollectorRegistry()
+    registry.register(
+        QueueCollector(
+            lambda: (queue.counts(), queue.oldest_pending()), CACHES, STATES, lambda: now + 30
+        )
+    )
+    value = registry.get_sample_value
+    assert value(f"{PREFIX}_queue_items", {"cache": "team", "state": "pending"}) == 0
+    assert value(f"{PREFIX}_oldest_pending_age_seconds", {"cache": "team"}) == 0
+    with queue.transaction():
+        queue.record_event(
+            Event("hook", now, (path,)),
+            spool_name="x",
+            outcome="matched",
+            targets=[("team", path)],
+            now=now,
+        )
+    assert value(f"{PREFIX}_queue_items", {"cache": "team", "state": "pending"}) == 1
+    assert value(f"{PREFIX}_queue_items", {"cache": "mirror", "state": "dead"}) == 0
+    assert value(f"{PREFIX}_oldest_pending_age_seconds", {"cache": "team"}) == pytest.approx(30)
+    queue.close()
+
+
+def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: the test command installs Debian's prometheus"
+    registry = CollectorRegistry()
+    metrics = make(registry)
+    registry.register(QueueCollector(lambda: ({}, {}), CACHES, STATES, time.time))
+    metrics.count_paths("team", [(None, None)])
+    metrics.last_success.labels("team").set(time.time())
+    done = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=generate_latest(registry),
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
