@@ -103,7 +103,10 @@ class Daemon:
             config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.layout.ensure(config.spool.group_writable)
         except OSError as exc:
-            raise DaemonError(f"cannot create {exc.filename}: {exc.strerror}") from None
+            raise DaemonError(
+                f"cannot create or set the mode of {exc.filename}: {exc.strerror} (create the "
+                "spool with systemd-tmpfiles, see hydra-cachix-bridge.tmpfiles.conf in contrib/)"
+            ) from None
         self._take_lock()
         # Used by start() and later by run_until()/shutdown(), which may be another thread.
         self._queue = Queue(config.database_path, shared=True)

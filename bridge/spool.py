@@ -49,11 +49,12 @@ class SpoolLayout:
         # Group-writable spools are setgid (files keep the group) and sticky (producers
         # cannot remove or replace each other's files; the owning daemon still can).
         mode = 0o3770 if group_writable else 0o700
-        for directory in (self.root, self.incoming, self.tmp):
-            directory.mkdir(parents=True, exist_ok=True)
-            os.chmod(directory, mode)
-        self.quarantine.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.quarantine, mode)
+        for directory in (self.root, self.incoming, self.tmp, self.quarantine):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Only change what differs: under systemd's RestrictSUIDSGID= any chmod that
+            # names the setgid bit fails, so directories made by tmpfiles are left alone.
+            if stat.S_IMODE(os.stat(directory).st_mode) != mode:
+                os.chmod(directory, mode)
 
     def is_alive(self) -> bool:
         """True while the incoming directory exists."""
