@@ -149,13 +149,20 @@ def enqueue_hook(config_path: Path | None) -> None:
 
 @main.command("hook-script")
 @config_option
-def hook_script(config_path: Path | None) -> None:
+@click.option(
+    "--tools-path",
+    default=None,
+    metavar="DIRS",
+    help="Colon-separated directories with mv, mkdir, tr and sed, put first on the "
+    "hook's PATH (default: the PATH nix-daemon gives the hook).",
+)
+def hook_script(config_path: Path | None, tools_path: str | None) -> None:
     """Print a POSIX sh post-build-hook bound to the configured spool (no Python at build time)."""
     from bridge.hookscript import render_hook_script
     from bridge.spool import SpoolLayout
 
     config = _load(config_path)
-    click.echo(render_hook_script(SpoolLayout(config.spool_dir)), nl=False)
+    click.echo(render_hook_script(SpoolLayout(config.spool_dir), tools_path), nl=False)
 
 
 @main.command()
@@ -181,7 +188,7 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     statuses, dead = [], []
     if config.database_path.exists():
         try:
-            queue = Queue(config.database_path)
+            queue = Queue(config.database_path, create=False)
         except QueueError as exc:
             _fail(str(exc))
         try:
@@ -234,10 +241,8 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
     if retry_all == bool(ids):
         _fail("give either --all or one or more IDs (see `hydra-cachix-bridge status`)", 2)
     config = _load(config_path)
-    if not config.database_path.exists():
-        _fail(f"no queue database at {config.database_path}")
     try:
-        queue = Queue(config.database_path)
+        queue = Queue(config.database_path, create=False)
     except QueueError as exc:
         _fail(str(exc))
     try:

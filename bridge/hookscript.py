@@ -45,6 +45,12 @@ exit 0
 """
 
 
-def render_hook_script(layout: SpoolLayout) -> str:
-    """Return the hook script bound to this spool."""
-    return _TEMPLATE.replace("__SPOOL__", shlex.quote(str(layout.root)))
+def render_hook_script(layout: SpoolLayout, tools_path: str | None = None) -> str:
+    """Return the hook script bound to this spool (optionally with its tools' PATH fixed)."""
+    script = _TEMPLATE.replace("__SPOOL__", shlex.quote(str(layout.root)))
+    if tools_path:
+        # For hosts where nix-daemon's PATH may lack mv/mkdir/tr/sed (e.g. a NixOS build).
+        script = script.replace(
+            "\nspool=", f"\nPATH={shlex.quote(tools_path)}${{PATH:+:$PATH}}\nspool=", 1
+        )
+    return script

@@ -130,27 +130,38 @@ class Origin:
     job: str | None
 
 
-def open_database(path: Path, *, timeout: float = 30.0, shared: bool = False) -> sqlite3.Connection:
-    """Open (creating if needed) the queue database in WAL mode with a durable sync level."""
+def open_database(
+    path: Path, *, timeout: float = 30.0, shared: bool = False, create: bool = True
+) -> sqlite3.Connection:
+    """Open the queue database in WAL mode with a durable sync level.
+
+    With create=False (the `status` and `retry` commands, which may run as another user)
+    nothing is created or written just by opening.
+    """
+    if not create and not path.is_file():
+        raise QueueError(f"no queue database at {path} (has the daemon run with this config?)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             path, timeout=timeout, isolation_level=None, check_same_thread=not shared
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        conn.executescript(_SCHEMA)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+        conn.execute("PRAGMA synchronous=FULL")
+        if create:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         raise QueueError(
-            f"cannot open queue database {path}: {exc}. If the file is corrupt, stop the daemon, "
-            f"move {path} (and its -wal/-shm files) aside and start again; event files still in "
-            "the spool are re-read, paths already taken from the spool are lost with the file"
+            f"cannot open queue database {path}: {exc}. If the file is corrupt: stop the daemon, "
+            f"move {path} and its -wal/-shm files aside, rebuild what can be read with "
+            f"`sqlite3 OLD .recover | sqlite3 {path}` (or start empty), and start again; event "
+            "files still in the spool are read again either way"
         ) from None
     except OSError as exc:
         raise QueueError(f"cannot open queue database {path}: {exc.strerror}") from None
@@ -166,9 +177,11 @@ def open_database(path: Path, *, timeout: float = 30.0, shared: bool = False) ->
 class Queue:
     """All reads and writes of the queue database; one instance per thread."""
 
-    def __init__(self, path: Path, *, timeout: float = 30.0, shared: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, timeout: float = 30.0, shared: bool = False, create: bool = True
+    ) -> None:
         self.path = path
-        self.conn = open_database(path, timeout=timeout, shared=shared)
+        self.conn = open_database(path, timeout=timeout, shared=shared, create=create)
 
     def close(self) -> None:
         """Close the connection."""
