@@ -125,7 +125,7 @@ class Daemon:
             settings=config.push,
             caches=config.caches,
             backends=self.backends,
-            queue_factory=lambda: Queue(config.database_path),
+            queue_factory=lambda: Queue(config.database_path, durable=False),
             store=self.store,
             metrics=self.metrics,
             clock=self.clock,

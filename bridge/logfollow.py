@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _STORE_PATH_TOKEN = re.compile(rb"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+")
 READ_CHUNK = 1 << 20
+FINGERPRINT_BYTES = 64
 
 
 @dataclass
@@ -29,6 +30,12 @@ class _Follow:
     device: int = 0
     inode: int = 0
     offset: int = 0
+    fingerprint: bytes = b""
+
+    @property
+    def position(self) -> LogOffset:
+        """What is saved in the database."""
+        return LogOffset(self.device, self.inode, self.offset, self.fingerprint)
 
 
 def extract_derivations(data: bytes) -> list[str]:
@@ -97,8 +104,11 @@ class LogFollower:
         info = os.fstat(handle)
         follow.handle, follow.device, follow.inode = handle, info.st_dev, info.st_ino
         saved = self.queue.log_offset(path)
-        same_file = saved is not None and (saved.device, saved.inode) == (info.st_dev, info.st_ino)
-        follow.offset = saved.offset if same_file and saved and saved.offset <= info.st_size else 0
+        follow.offset, follow.fingerprint = 0, b""
+        if saved is not None and (saved.device, saved.inode) == (info.st_dev, info.st_ino):
+            follow.offset, follow.fingerprint = saved.offset, saved.fingerprint
+            if self._rewritten(follow):
+                follow.offset, follow.fingerprint = 0, b""
         log.info("following %s from offset %d", path, follow.offset)
         return True
 
@@ -111,8 +121,14 @@ class LogFollower:
         if follow.handle is None and not self._open(follow):
             return {}
         assert follow.handle is not None
+        # Truncation: the file shrank, or was cut and written again past our offset (then
+        # the bytes before the offset are no longer the ones we read).
+        if self._rewritten(follow):
+            log.info("%s was truncated; reading from the start", follow.source.path)
+            follow.offset, follow.fingerprint = 0, b""
+            self._save(follow)
         queued = self._drain(follow)
-        # Rotation: the name now points at another file (rename) or the file shrank (truncate).
+        # Rotation by rename: the name now points at another file.
         try:
             current = os.stat(follow.source.path)
         except FileNotFoundError:
@@ -121,25 +137,24 @@ class LogFollower:
             log.info("%s was rotated; following the new file", follow.source.path)
             self._close(follow)
             if self._open(follow):
-                follow.offset = 0
+                follow.offset, follow.fingerprint = 0, b""
                 self._save(follow)
                 for cache, count in self._drain(follow).items():
                     queued[cache] = queued.get(cache, 0) + count
-        elif current.st_size < follow.offset:
-            log.info("%s was truncated; reading from the start", follow.source.path)
-            follow.offset = 0
-            self._save(follow)
-            for cache, count in self._drain(follow).items():
-                queued[cache] = queued.get(cache, 0) + count
         return queued
+
+    def _rewritten(self, follow: _Follow) -> bool:
+        assert follow.handle is not None
+        if follow.offset == 0:
+            return False
+        if os.fstat(follow.handle).st_size < follow.offset:
+            return True
+        size = len(follow.fingerprint)
+        return os.pread(follow.handle, size, follow.offset - size) != follow.fingerprint
 
     def _save(self, follow: _Follow) -> None:
         with self.queue.transaction():
-            self.queue.save_log_offset(
-                str(follow.source.path),
-                LogOffset(follow.device, follow.inode, follow.offset),
-                self.clock.time(),
-            )
+            self.queue.save_log_offset(str(follow.source.path), follow.position, self.clock.time())
 
     def _outputs_of(self, derivations: list[str], known: list[str]) -> list[str]:
         """Outputs of derivations named in a log (Nix 2.8 hooks only know DRV_PATH)."""
@@ -163,6 +178,7 @@ class LogFollower:
                 # No complete line; a single line longer than a chunk is skipped as garbage.
                 if len(data) == READ_CHUNK:
                     follow.offset += len(data)
+                    follow.fingerprint = data[-FINGERPRINT_BYTES:]
                     self._save(follow)
                     continue
                 return queued
@@ -174,6 +190,7 @@ class LogFollower:
             event = Event(source="log", received_at=now, out_paths=tuple(paths))
             result = match_event(event, self.config.rules)
             follow.offset += len(complete)
+            follow.fingerprint = (follow.fingerprint + complete)[-FINGERPRINT_BYTES:]
             with self.queue.transaction():
                 enqueued: dict[str, int] = {}
                 if paths:
@@ -187,11 +204,7 @@ class LogFollower:
                         )
                         or {}
                     )
-                self.queue.save_log_offset(
-                    str(follow.source.path),
-                    LogOffset(follow.device, follow.inode, follow.offset),
-                    now,
-                )
+                self.queue.save_log_offset(str(follow.source.path), follow.position, now)
             if paths and self.count_event is not None:
                 self.count_event(event, result.ignored_reason or "matched", enqueued)
             for cache, count in enqueued.items():

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS log_offsets (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     offset INTEGER NOT NULL,
+    fingerprint BLOB NOT NULL DEFAULT x'',
     updated_at REAL NOT NULL
 );
 """
@@ -118,6 +119,8 @@ class LogOffset:
     device: int
     inode: int
     offset: int
+    fingerprint: bytes = b""
+    """The bytes just before offset: if they change, the file was truncated or rewritten."""
 
 
 @dataclass(frozen=True)
@@ -131,12 +134,20 @@ class Origin:
 
 
 def open_database(
-    path: Path, *, timeout: float = 30.0, shared: bool = False, create: bool = True
+    path: Path,
+    *,
+    timeout: float = 30.0,
+    shared: bool = False,
+    create: bool = True,
+    durable: bool = True,
 ) -> sqlite3.Connection:
-    """Open the queue database in WAL mode with a durable sync level.
+    """Open the queue database in WAL mode.
 
     With create=False (the `status` and `retry` commands, which may run as another user)
-    nothing is created or written just by opening.
+    nothing is created or written just by opening. durable=False (push workers) commits
+    without fsync: safe against a crash of the daemon, and after a power cut only an
+    item's latest state change can be lost, so at worst a path is pushed again.
+    Ingest, which deletes event files after its commit, always stays durable.
     """
     if not create and not path.is_file():
         raise QueueError(f"no queue database at {path} (has the daemon run with this config?)")
@@ -147,7 +158,7 @@ def open_database(
             path, timeout=timeout, isolation_level=None, check_same_thread=not shared
         )
         conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         if create:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
@@ -178,10 +189,18 @@ class Queue:
     """All reads and writes of the queue database; one instance per thread."""
 
     def __init__(
-        self, path: Path, *, timeout: float = 30.0, shared: bool = False, create: bool = True
+        self,
+        path: Path,
+        *,
+        timeout: float = 30.0,
+        shared: bool = False,
+        create: bool = True,
+        durable: bool = True,
     ) -> None:
         self.path = path
-        self.conn = open_database(path, timeout=timeout, shared=shared, create=create)
+        self.conn = open_database(
+            path, timeout=timeout, shared=shared, create=create, durable=durable
+        )
 
     def close(self) -> None:
         """Close the connection."""
@@ -445,18 +464,19 @@ class Queue:
     def log_offset(self, path: str) -> LogOffset | None:
         """The saved position in a followed log file."""
         row = self.conn.execute(
-            "SELECT device, inode, offset FROM log_offsets WHERE path = ?", (path,)
+            "SELECT device, inode, offset, fingerprint FROM log_offsets WHERE path = ?", (path,)
         ).fetchone()
         return LogOffset(*row) if row else None
 
     def save_log_offset(self, path: str, offset: LogOffset, now: float) -> None:
         """Save the position (call inside the transaction that queued what was read)."""
         self.conn.execute(
-            "INSERT INTO log_offsets (path, device, inode, offset, updated_at)"
-            " VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO log_offsets (path, device, inode, offset, fingerprint, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (path) DO UPDATE SET device = excluded.device, inode = excluded.inode,"
-            " offset = excluded.offset, updated_at = excluded.updated_at",
-            (path, offset.device, offset.inode, offset.offset, now),
+            " offset = excluded.offset, fingerprint = excluded.fingerprint,"
+            " updated_at = excluded.updated_at",
+            (path, offset.device, offset.inode, offset.offset, offset.fingerprint, now),
         )
 
     # -- status ---------------------------------------------------------------------------

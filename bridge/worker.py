@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue as queue_module
 import random
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,65 @@ class BackoffPolicy:
         """Seconds to wait after the attempts-th failure."""
         base = min(self.maximum, self.initial * 2.0 ** max(0, attempts - 1))
         return base * (0.5 + 0.5 * self.rng.random())
+
+
+class PushedBytes:
+    """Counts NAR bytes of pushed paths from a background thread, off the push path.
+
+    One `nix-store --query --size` per second for everything pushed meanwhile, instead of
+    one per push: with fast caches the query would cost more than the push.
+    """
+
+    MAX_PATHS_PER_QUERY = 1000
+
+    def __init__(self, store: NixStore, metrics: BridgeMetrics, interval: float = 1.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.interval = interval
+        self._pending: queue_module.SimpleQueue[tuple[str, list[str]]] = queue_module.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pushed-bytes", daemon=True)
+
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread.start()
+
+    def add(self, cache: str, paths: list[str]) -> None:
+        """Paths just pushed to cache."""
+        self._pending.put((cache, paths))
+
+    def stop(self) -> None:
+        """Count what is left and stop."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        self.flush()
+
+    def flush(self) -> None:
+        """Query sizes for everything added so far and count them."""
+        by_cache: dict[str, list[str]] = {}
+        while True:
+            try:
+                cache, paths = self._pending.get_nowait()
+            except queue_module.Empty:
+                break
+            by_cache.setdefault(cache, []).extend(paths)
+        for cache, paths in by_cache.items():
+            for start in range(0, len(paths), self.MAX_PATHS_PER_QUERY):
+                chunk = paths[start : start + self.MAX_PATHS_PER_QUERY]
+                try:
+                    sizes = self.store.nar_sizes(chunk)
+                except StoreQueryError as exc:
+                    log.debug("cannot read NAR sizes: %s", exc)
+                    continue
+                self.metrics.bytes_pushed.labels(cache).inc(sum(sizes.values()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("counting pushed bytes failed")
 
 
 def parallel_limits(caches: Mapping[str, CacheConfig], workers: int) -> dict[str, int]:
@@ -76,9 +136,11 @@ class PushWorkers:
         self._next_cache = 0
         self._threads: list[threading.Thread] = []
         self.busy = 0
+        self.pushed_bytes = PushedBytes(store, metrics)
 
     def start(self) -> None:
         """Start the worker threads."""
+        self.pushed_bytes.start()
         for index in range(self.settings.workers):
             thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)
             thread.start()
@@ -106,6 +168,7 @@ class PushWorkers:
             self.cancel.set()
             for thread in self._threads:
                 thread.join(timeout=30)
+        self.pushed_bytes.stop()
         return clean
 
     # -- worker loop ----------------------------------------------------------------------
@@ -181,7 +244,7 @@ class PushWorkers:
             for item in items:
                 m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
             log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
-            m.bytes_pushed.labels(cache).inc(sum(self._sizes(paths).values()))
+            self.pushed_bytes.add(cache, paths)
         elif outcome.cancelled:
             queue.release(items, now)
             log.warning(
@@ -196,13 +259,6 @@ class PushWorkers:
                 queue.release(valid, now)
             else:
                 self._failed(queue, cache, config, items, outcome, now)
-
-    def _sizes(self, paths: list[str]) -> dict[str, int]:
-        try:
-            return self.store.nar_sizes(paths)
-        except StoreQueryError as exc:
-            log.debug("cannot read NAR sizes: %s", exc)
-            return {}
 
     def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
         try:

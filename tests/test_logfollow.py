@@ -189,6 +189,28 @@ def test_rotation_by_truncation(h: Harness) -> None:
     assert follower.poll() == {"c": 1}
 
 
+def test_truncation_followed_by_as_much_new_text_before_a_poll(h: Harness) -> None:
+    """A cut file that grew back to (or past) the old offset between two polls."""
+    follower = h.follower()
+    h.append(f"{path(1)}\n")
+    assert follower.poll() == {"c": 1}
+    with open(h.log, "r+", encoding="utf-8") as handle:
+        handle.truncate(0)
+    h.append(f"{path(2)}\n{path(3)}\n")  # longer than what was there
+    assert follower.poll() == {"c": 2}
+    assert h.queued() == [path(1), path(2), path(3)]
+
+
+def test_truncation_while_stopped_is_noticed_at_start(h: Harness) -> None:
+    h.append(f"{path(1)}\n")
+    assert h.follower().poll() == {"c": 1}
+    with open(h.log, "r+", encoding="utf-8") as handle:
+        handle.truncate(0)
+    h.append(f"{path(2)}\n")  # the same length as before: only the content tells
+    assert h.follower().poll() == {"c": 1}
+    assert h.queued() == [path(1), path(2)]
+
+
 def test_lines_without_store_paths_queue_nothing(h: Harness) -> None:
     follower = h.follower()
     h.append("starting build\n/nix/store/too-short-name\n/nix/var/nix/db\n\n")
