@@ -50,6 +50,32 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (cache, state, next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS items_state_updated ON items (state, updated_at);
+CREATE INDEX IF NOT EXISTS items_age ON items (cache, state, enqueued_at);
+-- Counts per (cache, state), kept by triggers so that a scrape costs the same at a
+-- thousand items as at millions (pushed items stay for retention_days).
+CREATE TABLE IF NOT EXISTS item_counts (
+    cache TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (cache, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS item_counts_insert AFTER INSERT ON items BEGIN
+    -- Not INSERT OR IGNORE: an outer statement's conflict policy would override it.
+    INSERT INTO item_counts (cache, state, n) SELECT NEW.cache, NEW.state, 0
+    WHERE NOT EXISTS (SELECT 1 FROM item_counts WHERE cache = NEW.cache AND state = NEW.state);
+    UPDATE item_counts SET n = n + 1 WHERE cache = NEW.cache AND state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS item_counts_delete AFTER DELETE ON items BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE cache = OLD.cache AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS item_counts_update AFTER UPDATE OF cache, state ON items
+WHEN OLD.cache IS NOT NEW.cache OR OLD.state IS NOT NEW.state BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE cache = OLD.cache AND state = OLD.state;
+    -- Not INSERT OR IGNORE: an outer statement's conflict policy would override it.
+    INSERT INTO item_counts (cache, state, n) SELECT NEW.cache, NEW.state, 0
+    WHERE NOT EXISTS (SELECT 1 FROM item_counts WHERE cache = NEW.cache AND state = NEW.state);
+    UPDATE item_counts SET n = n + 1 WHERE cache = NEW.cache AND state = NEW.state;
+END;
 CREATE TABLE IF NOT EXISTS cache_status (
     cache TEXT PRIMARY KEY,
     last_success_at REAL,
@@ -161,7 +187,15 @@ def open_database(
         conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         if create:
             conn.execute("PRAGMA journal_mode=WAL")
+            had_counts = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'item_counts'"
+            ).fetchone()
             conn.executescript(_SCHEMA)
+            if had_counts is None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO item_counts (cache, state, n)"
+                    " SELECT cache, state, COUNT(*) FROM items GROUP BY cache, state"
+                )
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -482,23 +516,27 @@ class Queue:
     # -- status ---------------------------------------------------------------------------
 
     def counts(self) -> dict[tuple[str, str], int]:
-        """Number of items per (cache, state)."""
+        """Number of items per (cache, state), from the trigger-maintained table."""
         return {
             (cache, state): count
             for cache, state, count in self.conn.execute(
-                "SELECT cache, state, COUNT(*) FROM items GROUP BY cache, state"
+                "SELECT cache, state, n FROM item_counts WHERE n > 0"
             )
         }
 
     def oldest_pending(self) -> dict[str, float]:
         """Enqueue time of the oldest pending or in-flight item per cache."""
         result: dict[str, float] = {}
-        for state in ("pending", "inflight"):
-            for cache, oldest in self.conn.execute(
-                "SELECT cache, MIN(enqueued_at) FROM items WHERE state = ? GROUP BY cache",
-                (state,),
-            ):
-                result[cache] = min(oldest, result.get(cache, oldest))
+        waiting = self.conn.execute(
+            "SELECT cache, state FROM item_counts WHERE n > 0 AND state IN ('pending', 'inflight')"
+        ).fetchall()
+        for cache, state in waiting:
+            # One index seek each (items_age), not a scan of the queue.
+            row = self.conn.execute(
+                "SELECT MIN(enqueued_at) FROM items WHERE cache = ? AND state = ?", (cache, state)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                result[cache] = min(float(row[0]), result.get(cache, float(row[0])))
         return result
 
     def cache_statuses(self, caches: Iterable[str]) -> list[CacheStatus]:

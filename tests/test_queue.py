@@ -538,3 +538,59 @@ def test_unusable_database_location_gives_a_queue_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(QueueError, match="cannot open queue database"):
         Queue(blocker / "sub" / "queue.sqlite3")
+
+
+# -- trigger-maintained counts -------------------------------------------------------------
+
+
+def true_counts(queue: Queue) -> dict[tuple[str, str], int]:
+    return {
+        (cache, state): n
+        for cache, state, n in queue.conn.execute(
+            "SELECT cache, state, COUNT(*) FROM items GROUP BY cache, state"
+        )
+    }
+
+
+def test_counts_follow_every_state_change(queue: Queue) -> None:
+    paths = [store_path(f"count{i}") for i in range(12)]
+    record(queue, [("a", p) for p in paths] + [("b", p) for p in paths[:3]], spool_name="e1")
+    assert queue.counts() == true_counts(queue) == {("a", "pending"): 12, ("b", "pending"): 3}
+    batch = queue.claim("a", 8, T0)
+    assert queue.counts() == true_counts(queue)
+    queue.mark_pushed(batch[:3], T0)
+    queue.mark_skipped(batch[3:4], "invalid_path", "gone", T0)
+    queue.mark_failed(
+        [(batch[4:6], T0), (batch[6:7], T0)],
+        reason="exit_status",
+        error="x",
+        max_attempts=1,
+        now=T0,
+    )
+    queue.release(batch[7:], T0)
+    assert queue.counts() == true_counts(queue)
+    dead = queue.claim("a", 1, T0 + 1)
+    queue.mark_failed([(dead, T0 + 1)], reason="timeout", error="t", max_attempts=1, now=T0 + 1)
+    assert queue.counts() == true_counts(queue)
+    assert queue.retry_dead(None, T0 + 2) == 1
+    queue.release_all_inflight(T0 + 2)
+    # A new event re-queues the skipped path; pruning removes the finished ones.
+    record(queue, [("a", batch[3].path)], spool_name="e2", now=T0 + 3)
+    assert queue.prune(T0 + 10) == 3
+    assert queue.counts() == true_counts(queue)
+    assert sum(queue.counts().values()) == 12
+
+
+def test_counts_are_backfilled_for_a_database_made_before_them(db_path: Path) -> None:
+    queue = Queue(db_path)
+    paths = [store_path(f"old{i}") for i in range(5)]
+    record(queue, [("a", p) for p in paths], spool_name="old")
+    queue.mark_pushed(queue.claim("a", 2, T0), T0)
+    queue.conn.executescript(
+        "DROP TRIGGER item_counts_insert; DROP TRIGGER item_counts_update;"
+        " DROP TRIGGER item_counts_delete; DROP TABLE item_counts;"
+    )
+    queue.close()
+    reopened = Queue(db_path)
+    assert reopened.counts() == {("a", "pending"): 3, ("a", "pushed"): 2}
+    reopened.close()
