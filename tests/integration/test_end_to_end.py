@@ -35,7 +35,9 @@ def test_hook_script_builds_arrive_in_file_cache(
         assert f"Deriver: {Path(item.drv).name}" in text
     assert daemon.metric("hydra_cachix_bridge_events_received_total", source="hook") == 3
     assert daemon.metric("hydra_cachix_bridge_paths_pushed_total", cache="local") == 3
-    assert daemon.metric("hydra_cachix_bridge_pushed_bytes_total", cache="local") > 0
+    # NAR sizes are counted in the background, about once a second.
+    wait_for(lambda: daemon.metric("hydra_cachix_bridge_pushed_bytes_total", cache="local") > 0,
+             message="pushed bytes counted")
     counts = daemon.counts("local")
     assert counts["pushed"] == 3 and counts["pending"] == 0 and counts["dead"] == 0
     # The spool is empty again: every event file was removed after its rows were committed.
