@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--append-notes",
         type=Path,
-        default=None,
+        default=ROOT / "bench" / "history.md",
         help="markdown appended to the report (profiling notes, history)",
     )
     args = parser.parse_args(argv)
