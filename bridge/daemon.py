@@ -33,6 +33,7 @@ from exporter.metrics import BridgeMetrics, QueueCollector
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 3600.0
+ORPHAN_CHECK_SECONDS = 60.0
 TICK_SECONDS = 1.0
 DEFERRED_RECHECK_SECONDS = 1.0
 
@@ -320,18 +321,38 @@ class Daemon:
         interval = watchdog_interval()
         next_watchdog = self.clock.monotonic()
         next_prune = self.clock.monotonic()
+        next_orphan_check = self.clock.monotonic() + ORPHAN_CHECK_SECONDS
         try:
             while not stop.wait(TICK_SECONDS if interval is None else min(TICK_SECONDS, interval)):
-                self._check_watch()
+                try:
+                    self._check_watch()
+                except Exception:
+                    # Never let maintenance end the daemon with a clean exit status.
+                    log.exception("checking the spool watch failed")
                 now = self.clock.monotonic()
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL_SECONDS
                     self._prune()
+                if now >= next_orphan_check:
+                    next_orphan_check = now + ORPHAN_CHECK_SECONDS
+                    self._release_orphans()
                 if interval is not None and now >= next_watchdog and not self.health():
                     sd_notify("WATCHDOG=1")
                     next_watchdog = now + interval
         finally:
             self.shutdown()
+
+    def _release_orphans(self) -> None:
+        assert self._queue is not None and self.workers is not None
+        try:
+            released = self.workers.release_orphans(self._queue)
+        except Exception:
+            log.exception("releasing orphaned in-flight items failed")
+            return
+        if released:
+            log.warning(
+                "%d in-flight path(s) whose worker failed to record them: queued again", released
+            )
 
     def _prune(self) -> None:
         assert self._queue is not None

@@ -447,6 +447,18 @@ class Queue:
                 [(now, item.id) for item in items],
             )
 
+    def release_orphans(self, held: set[int], older_than: float, now: float) -> int:
+        """In-flight items claimed before older_than and not in held become pending."""
+        with self.transaction():
+            rows = self.conn.execute(
+                "SELECT id FROM items WHERE state = 'inflight' AND updated_at < ?", (older_than,)
+            ).fetchall()
+            orphans = [(now, item_id) for (item_id,) in rows if item_id not in held]
+            self.conn.executemany(
+                "UPDATE items SET state = 'pending', updated_at = ? WHERE id = ?", orphans
+            )
+        return len(orphans)
+
     def release_all_inflight(self, now: float) -> int:
         """At start: items a previous process claimed but never finished become pending."""
         with self.transaction():

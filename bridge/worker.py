@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("invalid_path",)
 IDLE_POLL_SECONDS = 5.0
+ERROR_PAUSE_SECONDS = 1.0
+# In flight longer than this and held by no worker: the worker's write failed.
+ORPHAN_AGE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class PushWorkers:
         self._running: dict[str, int] = dict.fromkeys(caches, 0)
         self._next_cache = 0
         self._threads: list[threading.Thread] = []
+        self._held: set[int] = set()
         self.busy = 0
         self.pushed_bytes = PushedBytes(store, metrics)
 
@@ -177,22 +181,33 @@ class PushWorkers:
         queue = self.queue_factory()
         try:
             while not self.stopping.is_set():
-                claimed = self._claim(queue)
-                if claimed is None:
-                    self._idle(queue)
-                    continue
-                cache, items = claimed
                 try:
-                    self._push(queue, cache, items)
+                    self._step(queue)
                 except Exception:
-                    log.exception("unexpected error pushing to %s; items stay queued", cache)
-                    queue.release(items, self.clock.time())
-                finally:
-                    with self._lock:
-                        self._running[cache] -= 1
-                        self.busy -= 1
+                    # The database is locked for too long, full, or read-only: keep the
+                    # thread, pause, try again. Claimed items come back via release_orphans.
+                    log.exception("push worker error; retrying in %.0fs", ERROR_PAUSE_SECONDS)
+                    self.stopping.wait(ERROR_PAUSE_SECONDS)
         finally:
             queue.close()
+
+    def _step(self, queue: Queue) -> None:
+        claimed = self._claim(queue)
+        if claimed is None:
+            self._idle(queue)
+            return
+        cache, items = claimed
+        try:
+            try:
+                self._push(queue, cache, items)
+            except Exception:
+                log.exception("unexpected error pushing to %s; items stay queued", cache)
+                queue.release(items, self.clock.time())
+        finally:
+            with self._lock:
+                self._running[cache] -= 1
+                self.busy -= 1
+                self._held.difference_update(item.id for item in items)
 
     def _claim(self, queue: Queue) -> tuple[str, list[Item]] | None:
         names = list(self.caches)
@@ -203,15 +218,29 @@ class PushWorkers:
                     continue
                 self._running[cache] += 1
                 self.busy += 1
-            items = queue.claim(cache, self.settings.batch_size, self.clock.time())
+            try:
+                items = queue.claim(cache, self.settings.batch_size, self.clock.time())
+            except BaseException:
+                with self._lock:
+                    self._running[cache] -= 1
+                    self.busy -= 1
+                raise
             if items:
                 with self._lock:
                     self._next_cache = (self._next_cache + offset + 1) % len(names)
+                    self._held.update(item.id for item in items)
                 return cache, items
             with self._lock:
                 self._running[cache] -= 1
                 self.busy -= 1
         return None
+
+    def release_orphans(self, queue: Queue) -> int:
+        """Items left in flight by a worker whose database write failed go back to pending."""
+        with self._lock:
+            held = set(self._held)
+        now = self.clock.time()
+        return queue.release_orphans(held, older_than=now - ORPHAN_AGE_SECONDS, now=now)
 
     def _idle(self, queue: Queue) -> None:
         now = self.clock.time()

@@ -594,3 +594,15 @@ def test_counts_are_backfilled_for_a_database_made_before_them(db_path: Path) ->
     reopened = Queue(db_path)
     assert reopened.counts() == {("a", "pending"): 3, ("a", "pushed"): 2}
     reopened.close()
+
+
+def test_release_orphans_frees_only_old_unheld_inflight_items(queue: Queue) -> None:
+    paths = [store_path(f"orphan{i}") for i in range(4)]
+    record(queue, [("a", p) for p in paths], spool_name="o")
+    old = queue.claim("a", 2, T0)
+    fresh = queue.claim("a", 2, T0 + 100)
+    released = queue.release_orphans({old[0].id}, older_than=T0 + 50, now=T0 + 101)
+    assert released == 1
+    assert row(queue, "a", old[1].path)["state"] == "pending"
+    assert row(queue, "a", old[0].path)["state"] == "inflight"  # a worker still holds it
+    assert all(row(queue, "a", item.path)["state"] == "inflight" for item in fresh)
