@@ -219,7 +219,13 @@ class Daemon:
         assert self.workers is not None
         queue = Queue(self.config.database_path)
         ingestor = Ingestor(
-            self.config, queue, self.store, self.metrics, self.clock, on_enqueued=self.workers.wake
+            self.config,
+            queue,
+            self.store,
+            self.metrics,
+            self.clock,
+            on_enqueued=self.workers.wake,
+            stop=self.stopping,
         )
         try:
             self._ingest_until_stopped(ingestor)
@@ -379,6 +385,8 @@ class Daemon:
             self.config.push.shutdown_grace_seconds,
         )
         self.stopping.set()
+        if self.workers is not None:
+            self.workers.stop_claiming()
         if self.watcher is not None:
             self.watcher.stop()
         self.notifications.put(None)

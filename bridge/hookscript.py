@@ -29,8 +29,9 @@ esac
 # write to the spool can plant a link where this root-run hook writes.
 dir="$spool/hook-tmp"
 umask 027
-if { { [ -d "$dir" ] && [ ! -L "$dir" ]; } || mkdir -m 0700 "$dir" 2>/dev/null; } \
-  && [ -O "$dir" ] \
+# Several hooks may create it at once: whoever loses the mkdir race uses the winner's.
+[ -d "$dir" ] || mkdir -m 0700 "$dir" 2>/dev/null
+if [ -d "$dir" ] && [ ! -L "$dir" ] && [ -O "$dir" ] \
   && printf '{"version":1,"kind":"hook","drv_path":"%s","out_paths":"%s"}\n' "$drv" "$outs" \
     >"$dir/$name.json" 2>/dev/null \
   && mv -f "$dir/$name.json" "$spool/incoming/$name.json" 2>/dev/null

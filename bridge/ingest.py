@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ class Ingestor:
         metrics: BridgeMetrics,
         clock: Clock,
         on_enqueued: Callable[[], None] = lambda: None,
+        stop: threading.Event | None = None,
     ) -> None:
+        self.stop = stop
         self.config = config
         self.layout = SpoolLayout(config.spool_dir)
         self.queue = queue
@@ -80,6 +83,8 @@ class Ingestor:
         stats = IngestStats()
         chunk: list[_Accepted] = []
         for path in paths:
+            if self.stop is not None and self.stop.is_set():
+                break  # files not read yet stay in the spool for the next start
             accepted = self._accept(path, stats, writer_closed)
             if accepted is not None:
                 chunk.append(accepted)

@@ -156,13 +156,17 @@ class PushWorkers:
             self._woken = True
             self._wakeup.notify_all()
 
+    def stop_claiming(self) -> None:
+        """Start no new push from now on (running ones go on)."""
+        self.stopping.set()
+        self.wake()
+
     def stop(self, grace: float) -> bool:
         """Stop claiming; let running pushes finish within grace, then kill them.
 
         Returns True when every push finished within the grace period.
         """
-        self.stopping.set()
-        self.wake()
+        self.stop_claiming()
         deadline = self.clock.monotonic() + grace
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - self.clock.monotonic()))
