@@ -53,22 +53,26 @@ def run(config_path: Path | None) -> None:
     import signal
     import threading
 
-    from bridge.daemon import Daemon, DaemonError
+    from bridge.daemon import Daemon, DaemonError, DaemonStopped
     from bridge.logsetup import setup_logging
     from bridge.queue import QueueError
 
     config = _load(config_path)
     setup_logging(config.log_level)
     stop = threading.Event()
+    daemon = Daemon(config)
 
     def request_stop(signum: int, _frame: object) -> None:
         stop.set()
+        daemon.abort.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    daemon = Daemon(config)
     try:
         daemon.start()
+    except DaemonStopped:
+        daemon.shutdown()
+        return
     except (DaemonError, QueueError) as exc:
         daemon.shutdown()
         _fail(str(exc))

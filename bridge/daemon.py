@@ -7,6 +7,7 @@ import logging
 import os
 import queue as queue_module
 import random
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +22,8 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.ingest import Ingestor
 from bridge.logfollow import LogFollower
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import STATES, Queue
+from bridge.queue import STATES, Queue, QueueUnavailable
+from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
 from bridge.spool import SpoolLayout
 from bridge.store import NixStore
@@ -40,6 +42,10 @@ DEFERRED_RECHECK_SECONDS = 1.0
 
 class DaemonError(Exception):
     """The daemon cannot start."""
+
+
+class DaemonStopped(DaemonError):
+    """A stop was requested before the daemon finished starting."""
 
 
 class Daemon:
@@ -94,6 +100,8 @@ class Daemon:
         self.ingestor: Ingestor | None = None
         self.follower: LogFollower | None = None
         self.ready = threading.Event()
+        # Set by a signal handler to interrupt a start that is waiting for the database.
+        self.abort = threading.Event()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -110,15 +118,18 @@ class Daemon:
             ) from None
         self._take_lock()
         # Used by start() and later by run_until()/shutdown(), which may be another thread.
-        self._queue = Queue(config.database_path, shared=True)
-        now = self.clock.time()
-        released = self._queue.release_all_inflight(now)
-        if released:
-            log.warning(
-                "%d path(s) were in flight when the last run stopped; queued again", released
-            )
-        self._restore_gauges(self._queue)
-        self._scrape_queue = Queue(config.database_path, shared=True)
+        self._queue = self._open_queue_patiently()
+        try:
+            released = self._queue.release_all_inflight(self.clock.time())
+            if released:
+                log.warning(
+                    "%d path(s) were in flight when the last run stopped; queued again", released
+                )
+            self._restore_gauges(self._queue)
+        except sqlite3.Error as exc:
+            # A full disk: in-flight items come back through the orphan check later.
+            log.error("cannot recover the last run's in-flight items yet: %s", exc)
+        self._scrape_queue = self._open_queue_patiently()
         self.registry.register(
             QueueCollector(self._read_queue, config.caches, STATES, self.clock.time)
         )
@@ -162,12 +173,18 @@ class Daemon:
         self.watcher = SpoolWatcher(self.layout.incoming, self.notifications)
         self.watcher.start()
         self.metrics.spool_watch_alive.set(1)
-        stats = self.ingestor.ingest(self.ingestor.scan())
-        log.info(
-            "initial spool scan: %d event(s) recorded, %d quarantined",
-            stats.recorded,
-            stats.quarantined,
-        )
+        try:
+            stats = self.ingestor.ingest(self.ingestor.scan())
+        except Exception as exc:
+            # E.g. the state filesystem is full: the files stay, the ingest loop retries.
+            log.error("initial spool scan failed (%s); the files stay in the spool", exc)
+            self.notifications.put(None)
+        else:
+            log.info(
+                "initial spool scan: %d event(s) recorded, %d quarantined",
+                stats.recorded,
+                stats.quarantined,
+            )
         self.workers.start()
         self._spawn(self._ingest_loop, "ingest")
         if config.log_sources:
@@ -182,8 +199,26 @@ class Daemon:
             config.push.workers,
         )
 
+    def _open_queue_patiently(self) -> Queue:
+        """Open the queue, waiting while it cannot be opened for now (e.g. a full disk)."""
+        backoff = FailureBackoff("opening the queue database", log, initial=2.0)
+        while True:
+            try:
+                queue = Queue(self.config.database_path, shared=True)
+            except QueueUnavailable as exc:
+                sd_notify(f"STATUS=waiting for the queue database: {exc}")
+                if self.abort.wait(backoff.failed(exc)):
+                    raise DaemonStopped("stopped while waiting for the queue database") from None
+                continue
+            backoff.succeeded()
+            return queue
+
     def _take_lock(self) -> None:
-        fd = os.open(lock_path(self.config.state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = lock_path(self.config.state_dir)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DaemonError(f"cannot open the lock file {path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -234,16 +269,22 @@ class Daemon:
 
     def _ingest_until_stopped(self, ingestor: Ingestor) -> None:
         next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
+        backoff = FailureBackoff("ingest pass", log)
         while not self.stopping.is_set():
             timeout = max(0.0, next_rescan - self.clock.monotonic())
             batch: list[Notification] = []
             try:
+                # None asks for a rescan now (watch restored, or a failed initial scan).
                 first = self.notifications.get(timeout=timeout)
-                if first is not None:
+                if first is None:
+                    next_rescan = self.clock.monotonic()
+                else:
                     batch.append(first)
                 while True:
                     more = self.notifications.get_nowait()
-                    if more is not None:
+                    if more is None:
+                        next_rescan = self.clock.monotonic()
+                    else:
                         batch.append(more)
             except queue_module.Empty:
                 pass
@@ -261,9 +302,11 @@ class Daemon:
                     next_rescan = min(
                         next_rescan, self.clock.monotonic() + DEFERRED_RECHECK_SECONDS
                     )
-            except Exception:
-                log.exception("ingest pass failed; files stay in the spool for the next pass")
-                next_rescan = self.clock.monotonic() + DEFERRED_RECHECK_SECONDS
+            except Exception as exc:
+                # Files stay in the spool; the rescan after the pause picks them up.
+                next_rescan = self.clock.monotonic() + backoff.failed(exc)
+            else:
+                backoff.succeeded()
 
     def _follow_loop(self) -> None:
         queue = Queue(self.config.database_path)

@@ -200,7 +200,12 @@ class Ingestor:
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.error("cannot quarantine %s (%s): %s", path.name, reason, exc.strerror)
+            log.error(
+                "cannot quarantine %s (%s): %s; it stays in incoming/ for the next rescan",
+                path.name,
+                reason,
+                exc.strerror,
+            )
             return
         stats.quarantined += 1
         self.metrics.events_rejected.labels(reason).inc()

@@ -97,6 +97,10 @@ class QueueError(Exception):
     """The queue database cannot be opened or used."""
 
 
+class QueueUnavailable(QueueError):
+    """The database cannot be opened for now (disk full, read-only, locked): not corrupt."""
+
+
 @dataclass(frozen=True)
 class Item:
     """One claimed (cache, path) push."""
@@ -201,6 +205,11 @@ def open_database(
                 (str(SCHEMA_VERSION),),
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise QueueUnavailable(
+            f"cannot open queue database {path}: {exc} (is its filesystem full, read-only, or "
+            "the file not writable by this user?)"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise QueueError(
             f"cannot open queue database {path}: {exc}. If the file is corrupt: stop the daemon, "
@@ -209,7 +218,7 @@ def open_database(
             "files still in the spool are read again either way"
         ) from None
     except OSError as exc:
-        raise QueueError(f"cannot open queue database {path}: {exc.strerror}") from None
+        raise QueueUnavailable(f"cannot open queue database {path}: {exc.strerror}") from None
     if row is None or row[0] != str(SCHEMA_VERSION):
         conn.close()
         raise QueueError(

@@ -161,17 +161,28 @@ def quarantine(layout: SpoolLayout, path: Path, reason: str, message: str, now: 
     while os.path.lexists(target) or os.path.lexists(f"{target}.reason"):
         target = layout.quarantine / f"{base}.{counter}"
         counter += 1
-    os.rename(path, target)
+    # The reason first: if the disk is full, the file stays where it is (and is tried
+    # again later) rather than sitting in quarantine without its reason.
     _write_reason(target, path.name, reason, message, now)
+    try:
+        os.rename(path, target)
+    except OSError:
+        _unlink_quietly(Path(f"{target}.reason"))
+        raise
     return target
 
 
 def _write_reason(target: Path, original: str, reason: str, message: str, now: float) -> None:
     record = {"file": original, "reason": reason, "message": message, "quarantined_at": now}
-    fd = os.open(f"{target}.reason", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-        handle.write("\n")
+    reason_file = f"{target}.reason"
+    fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
+    except OSError:
+        _unlink_quietly(Path(reason_file))
+        raise
 
 
 def quarantine_bytes(
@@ -180,7 +191,11 @@ def quarantine_bytes(
     """Save rejected producer input straight into quarantine with its `.reason` file."""
     target = layout.quarantine / event_file_name(kind)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    _write_reason(target, target.name, reason, message, now)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        _write_reason(target, target.name, reason, message, now)
+    except OSError:
+        _unlink_quietly(target)
+        raise
     return target

@@ -5,22 +5,25 @@ from __future__ import annotations
 import logging
 import queue as queue_module
 import random
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bridge.backends import Backend, PushOutcome
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
 from bridge.queue import Item, Queue
+from bridge.retrying import FailureBackoff
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SKIP_REASONS = ("invalid_path",)
 IDLE_POLL_SECONDS = 5.0
-ERROR_PAUSE_SECONDS = 1.0
 # In flight longer than this and held by no worker: the worker's write failed.
 ORPHAN_AGE_SECONDS = 60.0
 
@@ -183,15 +186,17 @@ class PushWorkers:
 
     def _run(self) -> None:
         queue = self.queue_factory()
+        backoff = FailureBackoff(f"push worker {threading.current_thread().name}", log)
         try:
             while not self.stopping.is_set():
                 try:
                     self._step(queue)
-                except Exception:
+                except Exception as exc:
                     # The database is locked for too long, full, or read-only: keep the
                     # thread, pause, try again. Claimed items come back via release_orphans.
-                    log.exception("push worker error; retrying in %.0fs", ERROR_PAUSE_SECONDS)
-                    self.stopping.wait(ERROR_PAUSE_SECONDS)
+                    self.stopping.wait(backoff.failed(exc))
+                else:
+                    backoff.succeeded()
         finally:
             queue.close()
 
@@ -270,7 +275,7 @@ class PushWorkers:
         now = self.clock.time()
         m.push_duration.labels(cache).observe(outcome.duration)
         if outcome.ok:
-            queue.mark_pushed(items, now)
+            self._persist(lambda: queue.mark_pushed(items, now))
             m.pushes_succeeded.labels(cache, config.backend).inc()
             m.count_paths(cache, ((item.project, item.jobset) for item in items))
             m.last_success.labels(cache).set(now)
@@ -279,7 +284,7 @@ class PushWorkers:
             log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
             self.pushed_bytes.add(cache, paths)
         elif outcome.cancelled:
-            queue.release(items, now)
+            self._persist(lambda: queue.release(items, now))
             log.warning(
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
@@ -289,9 +294,27 @@ class PushWorkers:
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
                 m.pushes_failed.labels(cache, config.backend, "invalid_path").inc()
-                queue.release(valid, now)
+                self._persist(lambda: queue.release(valid, now))
             else:
                 self._failed(queue, cache, config, items, outcome, now)
+
+    def _persist(self, write: Callable[[], T]) -> T:
+        """Record a push's outcome, retrying while the database cannot take it (disk full).
+
+        The push already happened: giving up would push it again later. Only when the
+        shutdown grace is over does the error go up (the items are then released at the
+        next start).
+        """
+        backoff = FailureBackoff("recording a push outcome", log, maximum=10.0)
+        while True:
+            try:
+                result = write()
+            except sqlite3.Error as exc:
+                if self.cancel.wait(backoff.failed(exc)):
+                    raise
+                continue
+            backoff.succeeded()
+            return result
 
     def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
         try:
@@ -302,12 +325,9 @@ class PushWorkers:
         if not invalid:
             return items
         gone = [item for item in items if item.path in invalid]
-        queue.mark_skipped(
-            gone,
-            "invalid_path",
-            "not valid in the local store (garbage-collected?)",
-            self.clock.time(),
-        )
+        now = self.clock.time()
+        message = "not valid in the local store (garbage-collected?)"
+        self._persist(lambda: queue.mark_skipped(gone, "invalid_path", message, now))
         self.metrics.paths_skipped.labels(cache, "invalid_path").inc(len(gone))
         for item in gone:
             log.warning("skipping %s for %s: no longer valid in the store", item.path, cache)
@@ -331,8 +351,14 @@ class PushWorkers:
             else [list(items[: (len(items) + 1) // 2]), list(items[(len(items) + 1) // 2 :])]
         )
         groups = [(half, now + self.backoff.delay(attempts)) for half in halves]
-        dead = queue.mark_failed(
-            groups, reason=reason, error=error, max_attempts=self.settings.max_attempts, now=now
+        dead = self._persist(
+            lambda: queue.mark_failed(
+                groups,
+                reason=reason,
+                error=error,
+                max_attempts=self.settings.max_attempts,
+                now=now,
+            )
         )
         m = self.metrics
         m.pushes_failed.labels(cache, config.backend, reason).inc()
