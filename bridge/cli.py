@@ -91,36 +91,24 @@ def enqueue_hydra(config_path: Path | None, json_file: Path | None) -> None:
     """Record a Hydra RunCommand payload in the spool and return at once (for <runcommand>)."""
     import time
 
-    from bridge.events import EventRejected, decode_json, hydra_envelope, parse_hydra_payload
-    from bridge.spool import SpoolLayout, SpoolUnavailable, quarantine_bytes, write_event
+    from bridge.producers import PayloadRejected, record_hydra_payload
+    from bridge.spool import SpoolLayout, SpoolUnavailable
 
     config = _load(config_path)
     source = json_file or (Path(os.environ["HYDRA_JSON"]) if os.environ.get("HYDRA_JSON") else None)
     if source is None:
         _fail("no payload: set $HYDRA_JSON (Hydra does) or pass --json-file", 2)
-    layout = SpoolLayout(config.spool_dir)
-    now = time.time()
     try:
         with source.open("rb") as handle:
             data = handle.read(config.spool.max_event_bytes + 1)
     except OSError as exc:
         _fail(f"cannot read Hydra payload {source}: {exc.strerror}")
+    layout = SpoolLayout(config.spool_dir)
     try:
-        if len(data) > config.spool.max_event_bytes:
-            raise EventRejected("too_large", f"payload over {config.spool.max_event_bytes} bytes")
-        payload = decode_json(data)
-        event = parse_hydra_payload(payload, now)
-    except EventRejected as exc:
-        try:
-            saved = (
-                f"saved as {quarantine_bytes(layout, 'hydra', data, exc.reason, exc.message, now)}"
-            )
-        except OSError as err:
-            saved = f"could not be saved: {err.strerror}"
-        _fail(f"invalid Hydra payload ({exc.reason}): {exc.message}; {saved}")
-    try:
-        target = write_event(layout, "hydra", hydra_envelope(payload, now))
-    except SpoolUnavailable as exc:
+        event, target = record_hydra_payload(
+            layout, data, config.spool.max_event_bytes, time.time()
+        )
+    except (PayloadRejected, SpoolUnavailable) as exc:
         _fail(str(exc))
     click.echo(
         f"recorded build {event.build_id} ({event.project}:{event.jobset}:{event.job}) "

@@ -337,6 +337,8 @@ class Daemon:
     def health(self) -> list[str]:
         """Problems that make the daemon unhealthy (empty when healthy)."""
         problems: list[str] = []
+        if not self.ready.is_set():
+            problems.append("starting: the first spool scan has not finished")
         if self.watcher is None or not self.watcher.alive():
             problems.append(f"spool watch on {self.layout.incoming} is not alive")
         with self._scrape_lock:

@@ -26,6 +26,10 @@ REJECT_REASONS = (
 
 MAX_NAME_LENGTH = 1024
 MAX_OUTPUTS = 10_000
+MAX_INT64 = 2**63 - 1
+# Hydra payloads are a few levels deep; far deeper input is hostile and would only
+# trouble json.dumps (recursion) when written back to the spool.
+MAX_DEPTH = 64
 
 
 class EventRejected(Exception):
@@ -79,6 +83,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _depth_exceeds(document: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def decode_json(data: bytes) -> Any:
     """Decode strict UTF-8 JSON bytes, rejecting NaN/Infinity, overflowing numbers, lone
     surrogates (\\ud800 escapes that cannot be written back as UTF-8) and deep nesting."""
@@ -92,6 +108,8 @@ def decode_json(data: bytes) -> Any:
         raise _reject("JSON nested too deeply", "invalid_json") from None
     except ValueError as exc:
         raise _reject(f"invalid JSON: {exc}", "invalid_json") from None
+    if _depth_exceeds(document, MAX_DEPTH):
+        raise _reject(f"JSON nested deeper than {MAX_DEPTH} levels", "invalid_json")
     # Surrogates can only come from \\u escapes; only then is the round trip worth checking.
     if "\\ud" in text.lower():
         try:
@@ -140,7 +158,10 @@ def _name(obj: dict[str, Any], key: str, where: str) -> str:
 def _finite(value: float | int | None, what: str) -> float | None:
     if value is None:
         return None
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        raise _reject(f"{what} is out of range") from None
     if not math.isfinite(result) or result < 0:
         raise _reject(f"{what} must be a finite non-negative number")
     return result
@@ -155,6 +176,8 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     if kind is not None and kind != "buildFinished":
         raise _reject(f"{where}: unsupported event {kind[:64]!r}")
     build_id = _field(payload, "build", (int,), nullable=False, required=True, where=where)
+    if not 0 <= build_id <= MAX_INT64:
+        raise _reject(f"{where}: build id out of range")
     _field(payload, "finished", (bool,), nullable=False, required=False, where=where)
     for key in ("timestamp", "startTime"):
         _finite(_field(payload, key, (int, float), nullable=True, required=False, where=where), key)
@@ -169,6 +192,8 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     if not is_derivation_path(drv_path):
         raise _reject(f"{where}: drvPath is not a derivation store path", "invalid_store_path")
     status = _field(payload, "buildStatus", (int,), nullable=True, required=True, where=where)
+    if status is not None and not -(2**31) <= status < 2**31:
+        raise _reject(f"{where}: buildStatus out of range")
     for key in ("nixName", "system", "homepage", "description", "license"):
         _field(payload, key, (str,), nullable=True, required=False, where=where)
     for key in ("products", "metrics"):

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -98,9 +99,20 @@ class Ingestor:
     def _accept(self, path: Path, stats: IngestStats, writer_closed: bool) -> _Accepted | None:
         if path.parent != self.layout.incoming or not is_candidate(path.name):
             return None
+        try:
+            return self._read(path, stats, writer_closed)
+        except sqlite3.Error:
+            raise  # the database, not this file: the whole pass is retried later
+        except Exception as exc:
+            # Whatever else one file does must not stop the others from being read.
+            log.exception("unexpected error reading event file %s", printable(path.name))
+            self._quarantine(path, "invalid_event", f"unexpected {type(exc).__name__}", stats)
+            return None
+
+    def _read(self, path: Path, stats: IngestStats, writer_closed: bool) -> _Accepted | None:
         now = self.clock.time()
         try:
-            if self.queue.seen_spool_file(path.name):
+            if self.queue.seen_spool_file(spool_name(path)):
                 # Recorded before a crash took us between commit and unlink.
                 stats.duplicates += 1
                 _unlink(path)
@@ -146,13 +158,29 @@ class Ingestor:
         )
 
     def _commit(self, chunk: list[_Accepted], stats: IngestStats) -> None:
+        try:
+            self._commit_together(chunk, stats)
+        except sqlite3.OperationalError:
+            raise  # disk full, locked: every file stays for the next pass
+        except Exception as exc:
+            if len(chunk) > 1:
+                # Find the event the database refuses; commit the others.
+                for item in chunk:
+                    self._commit([item], stats)
+                return
+            log.exception("cannot record event file %s", printable(chunk[0].path.name))
+            self._quarantine(
+                chunk[0].path, "invalid_event", f"cannot be recorded: {type(exc).__name__}", stats
+            )
+
+    def _commit_together(self, chunk: list[_Accepted], stats: IngestStats) -> None:
         now = self.clock.time()
         results: list[tuple[_Accepted, dict[str, int] | None]] = []
         with self.queue.transaction():
             for item in chunk:
                 enqueued = self.queue.record_event(
                     item.event,
-                    spool_name=item.path.name,
+                    spool_name=spool_name(item.path),
                     outcome=item.outcome,
                     targets=item.targets,
                     now=now,
@@ -173,7 +201,7 @@ class Ingestor:
                 any_enqueued = True
             log.info(
                 "event %s from %s: %s, %d path(s) queued%s",
-                item.path.name,
+                printable(item.path.name),
                 item.event.source,
                 item.outcome,
                 sum(enqueued.values()),
@@ -202,14 +230,30 @@ class Ingestor:
         except OSError as exc:
             log.error(
                 "cannot quarantine %s (%s): %s; it stays in incoming/ for the next rescan",
-                path.name,
+                printable(path.name),
                 reason,
                 exc.strerror,
             )
             return
         stats.quarantined += 1
         self.metrics.events_rejected.labels(reason).inc()
-        log.warning("quarantined %s as %s: %s (%s)", path.name, reason, message, target)
+        log.warning(
+            "quarantined %s as %s: %s (%s)",
+            printable(path.name),
+            reason,
+            message,
+            printable(str(target)),
+        )
+
+
+def spool_name(path: Path) -> str:
+    """The file name as stored in the database (undecodable bytes escaped)."""
+    return os.fsencode(path.name).decode("utf-8", errors="backslashreplace")
+
+
+def printable(text: str) -> str:
+    """Text with newlines, escapes and undecodable bytes shown escaped (no forged log lines)."""
+    return repr(text)[1:-1]
 
 
 def _unlink(path: Path) -> None:

@@ -88,12 +88,12 @@ def run_command(
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or env
             return CommandResult(
                 returncode=None,
                 output="",
                 duration=time.monotonic() - started,
-                spawn_error=f"{args[0]}: {exc.strerror or exc}",
+                spawn_error=f"{args[0]}: {getattr(exc, 'strerror', None) or exc}",
             )
         timed_out = cancelled = False
         deadline = started + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -182,11 +183,17 @@ def open_database(
     if not create and not path.is_file():
         raise QueueError(f"no queue database at {path} (has the daemon run with this config?)")
     try:
+        new = create and not path.exists()
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             path, timeout=timeout, isolation_level=None, check_same_thread=not shared
         )
+        if new:
+            # Private before the -wal and -shm files exist (SQLite gives them this mode).
+            # chmod, never open+close: closing any descriptor of the database file would
+            # drop every POSIX lock SQLite holds on it in this process.
+            os.chmod(path, 0o600)
         conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         if create:

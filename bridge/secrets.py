@@ -36,12 +36,15 @@ def read_secret(path: Path) -> str:
         raise SecretError(f"secret file {resolved} is not UTF-8 text") from None
     if not value:
         raise SecretError(f"secret file {resolved} is empty")
+    if "\0" in value:
+        raise SecretError(f"secret file {resolved} contains a NUL byte")
     return value
 
 
 def redact(text: str, secrets: list[str]) -> str:
     """Replace every occurrence of each secret in text."""
-    for secret in secrets:
+    # Longest first: a secret that contains another is replaced whole.
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret:
             text = text.replace(secret, "[REDACTED]")
     return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -66,10 +67,19 @@ def event_file_name(kind: str) -> str:
     return f"{kind}-{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}.json"
 
 
-def write_event(layout: SpoolLayout, kind: str, document: Any) -> Path:
-    """Write one event atomically (tmp, fsync, rename into incoming); raise SpoolUnavailable."""
+def write_event(
+    layout: SpoolLayout, kind: str, document: Any, max_bytes: int | None = None
+) -> Path:
+    """Write one event atomically (tmp, fsync, rename into incoming); raise SpoolUnavailable.
+
+    Raises EventRejected("too_large") when the file would exceed max_bytes, the limit the
+    daemon reads with.
+    """
     name = event_file_name(kind)
-    data = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII escapes keep any string (even undecodable environment bytes) valid JSON.
+    data = json.dumps(document, separators=(",", ":")).encode("ascii")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise EventRejected("too_large", f"event would be {len(data)} bytes, limit {max_bytes}")
     tmp = layout.tmp / name
     target = layout.incoming / name
     if not layout.incoming.is_dir() or not layout.tmp.is_dir():
@@ -123,6 +133,12 @@ class EventFile:
 
 def read_event_file(path: Path, max_bytes: int) -> EventFile:
     """Read a regular, non-symlink event file up to max_bytes; raise EventRejected otherwise."""
+    # lstat first: opening a socket fails (ENXIO) before fstat could say what it is.
+    link = os.lstat(path)
+    if stat.S_ISLNK(link.st_mode):
+        raise EventRejected("not_regular_file", "event file is a symbolic link")
+    if not stat.S_ISREG(link.st_mode):
+        raise EventRejected("not_regular_file", "event file is not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -133,6 +149,9 @@ def read_event_file(path: Path, max_bytes: int) -> EventFile:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise EventRejected("not_regular_file", "event file is not a regular file")
+        if info.st_nlink > 1:
+            # Producers never hard-link; another name may be a file outside the spool.
+            raise EventRejected("not_regular_file", "event file has other hard links")
         if info.st_size > max_bytes:
             raise EventRejected(
                 "too_large", f"event file is {info.st_size} bytes, limit is {max_bytes}"
@@ -152,14 +171,31 @@ def read_event_file(path: Path, max_bytes: int) -> EventFile:
         os.close(fd)
 
 
+NAME_MAX = 255
+REASON_SUFFIX = ".reason"
+
+
+def reason_path(target: Path) -> Path:
+    """Where the reason of a quarantined file is written: NAME.reason, or for a name too
+    long for that, a shortened name (its record's `quarantined_as` names the file)."""
+    name = os.fsencode(target.name)
+    if len(name) + len(REASON_SUFFIX) <= NAME_MAX:
+        return target.with_name(target.name + REASON_SUFFIX)
+    digest = hashlib.sha256(name).hexdigest()[:16]
+    keep = NAME_MAX - len(REASON_SUFFIX) - len(digest) - 1
+    return target.with_name(os.fsdecode(name[:keep]) + "~" + digest + REASON_SUFFIX)
+
+
 def quarantine(layout: SpoolLayout, path: Path, reason: str, message: str, now: float) -> Path:
     """Move a rejected file (never following links) into quarantine with a `.reason` file."""
     layout.quarantine.mkdir(parents=True, exist_ok=True)
     base = path.name if is_candidate(path.name) else f"_{path.name.lstrip('.')}"
     target = layout.quarantine / base
     counter = 1
-    while os.path.lexists(target) or os.path.lexists(f"{target}.reason"):
-        target = layout.quarantine / f"{base}.{counter}"
+    while os.path.lexists(target) or os.path.lexists(reason_path(target)):
+        suffix = f".{counter}"
+        raw = os.fsencode(base)[: NAME_MAX - len(suffix)]
+        target = layout.quarantine / (os.fsdecode(raw) + suffix)
         counter += 1
     # The reason first: if the disk is full, the file stays where it is (and is tried
     # again later) rather than sitting in quarantine without its reason.
@@ -167,21 +203,27 @@ def quarantine(layout: SpoolLayout, path: Path, reason: str, message: str, now: 
     try:
         os.rename(path, target)
     except OSError:
-        _unlink_quietly(Path(f"{target}.reason"))
+        _unlink_quietly(reason_path(target))
         raise
     return target
 
 
 def _write_reason(target: Path, original: str, reason: str, message: str, now: float) -> None:
-    record = {"file": original, "reason": reason, "message": message, "quarantined_at": now}
-    reason_file = f"{target}.reason"
+    record = {
+        "file": original,
+        "quarantined_as": target.name,
+        "reason": reason,
+        "message": message,
+        "quarantined_at": now,
+    }
+    reason_file = reason_path(target)
     fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")
     except OSError:
-        _unlink_quietly(Path(reason_file))
+        _unlink_quietly(reason_file)
         raise
 
 

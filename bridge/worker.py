@@ -209,9 +209,15 @@ class PushWorkers:
         try:
             try:
                 self._push(queue, cache, items)
-            except Exception:
-                log.exception("unexpected error pushing to %s; items stay queued", cache)
-                queue.release(items, self.clock.time())
+            except sqlite3.Error:
+                raise
+            except Exception as exc:
+                # Count it as a failed push (with backoff), never a free immediate retry.
+                log.exception("unexpected error pushing to %s", cache)
+                outcome = PushOutcome(
+                    False, 0.0, "spawn_error", f"internal error: {type(exc).__name__} (see the log)"
+                )
+                self._failed(queue, cache, self.caches[cache], items, outcome, self.clock.time())
         finally:
             with self._lock:
                 self._running[cache] -= 1
