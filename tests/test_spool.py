@@ -159,10 +159,20 @@ class TestWriteEvent:
         event = parse_spool_document(decode_json(raw.data), fallback_time=0.0)
         assert event == parse_hydra_payload(payload, NOW)
 
-    def test_non_ascii_is_written_as_utf8(self, layout: SpoolLayout) -> None:
+    def test_non_ascii_is_written_as_json_escapes(self, layout: SpoolLayout) -> None:
         target = write_event(layout, "hydra", {"description": "caf\u00e9 \u2603"})
-        assert "caf\u00e9 \u2603".encode() in target.read_bytes()
+        assert target.read_bytes().isascii()
         assert decode_json(target.read_bytes()) == {"description": "caf\u00e9 \u2603"}
+
+    def test_undecodable_environment_text_still_makes_valid_json(
+        self, layout: SpoolLayout
+    ) -> None:
+        # os.environ holds undecodable bytes as lone surrogates; the file stays valid JSON
+        # and the daemon rejects it with a reason instead of the producer failing.
+        target = write_event(layout, "hook", {"drv_path": "\udcff", "out_paths": ""})
+        with pytest.raises(EventRejected) as caught:
+            decode_json(target.read_bytes())
+        assert caught.value.reason == "invalid_encoding"
 
     def test_many_writes_never_collide(self, layout: SpoolLayout) -> None:
         paths = {write_event(layout, "hook", {"i": i}) for i in range(200)}
@@ -350,6 +360,7 @@ class TestQuarantine:
         assert target.read_bytes() == b"{broken"
         assert reason_of(target) == {
             "file": "hydra-1.json",
+            "quarantined_as": "hydra-1.json",
             "reason": "invalid_json",
             "message": "invalid JSON: x",
             "quarantined_at": NOW,
@@ -468,6 +479,7 @@ class TestQuarantineBytes:
         assert target.read_bytes() == data
         assert reason_of(target) == {
             "file": target.name,
+            "quarantined_as": target.name,
             "reason": "invalid_encoding",
             "message": "not UTF-8",
             "quarantined_at": NOW,

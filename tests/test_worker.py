@@ -329,9 +329,11 @@ def test_backoff_policy_is_exponential_capped_and_jittered() -> None:
     assert BackoffPolicy(0.0, 0.0, random.Random(1)).delay(5) == 0.0
 
 
-def test_unexpected_backend_exception_leaves_items_queued(
+def test_unexpected_backend_exception_is_a_failed_push_with_backoff(
     harness: Harness, built: list[Built]
 ) -> None:
+    """A backend that raises (a bug, a NUL byte in an argument) must neither lose the items
+    nor be retried in a tight loop: it counts as a failed push, with its backoff."""
     calls = {"n": 0}
 
     def handler(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
@@ -343,7 +345,10 @@ def test_unexpected_backend_exception_leaves_items_queued(
     harness.enqueue("c", [built[0].out, built[1].out])
     harness.start({"c": cache("c")}, {"c": ScriptedBackend("c", handler)})
     wait_until(lambda: harness.count("c", "pushed") == 2)
-    assert harness.item("c", built[0].out)[1] == 0  # not counted as an attempt
+    assert harness.item("c", built[0].out)[1] == 1  # the failed attempt counts
+    assert harness.value("pushes_failed_total", cache="c", backend="nix-copy",
+                         reason="spawn_error") == 1
+    assert calls["n"] == 3  # one failure, then the two halves of the split batch
 
 
 # -- garbage-collected paths -------------------------------------------------------------
