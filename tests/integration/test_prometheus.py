@@ -185,6 +185,11 @@ def test_every_panel_query_and_alert_expression_returns_data(
     )
     time.sleep(4)
 
+    # The daemon's own exposition passes promtool's linter.
+    lint = subprocess.run(["promtool", "check", "metrics"], input=daemon.metrics_text(),
+                          capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
     queries = dashboard_queries()
     assert len(queries) >= 15
     empty = [(title, expr) for title, expr in queries if not server.query(expr)]
