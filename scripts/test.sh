@@ -11,7 +11,7 @@ echo "== mypy (strict on bridge/ and exporter/)"
 mypy bridge exporter
 echo "== pytest"
 set +e
-python -m pytest -q -p no:cacheprovider -n 3 "$@"
+python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

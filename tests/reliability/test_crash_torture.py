@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from bridge.events import hook_envelope, hydra_envelope
 from bridge.spool import SpoolLayout, write_event
 from tests.integration.daemonproc import DaemonProcess
 from tests.nixhelpers import Built, build, hydra_payload
+from tests.reliability.reporting import query, write_report
 
 EVENTS = 2000
 DERIVATIONS = 200
@@ -158,23 +158,6 @@ def plan_events(built: list[Built]) -> list[PlannedEvent]:
             targets = hook_targets(outs or [item.out])
         plan.append(PlannedEvent(index, kind, document, frozenset(targets), manual))
     return plan
-
-
-def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the daemon's queue database without writing to it."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def write_report(name: str, data: dict[str, Any]) -> None:
-    """Save the figures as JSON in $RELIABILITY_REPORT_DIR, if set."""
-    directory = os.environ.get("RELIABILITY_REPORT_DIR")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class Producers:

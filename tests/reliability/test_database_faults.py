@@ -31,30 +31,6 @@ EMPTY = {"pending": 0, "inflight": 0, "pushed": 0, "skipped": 0, "dead": 0}
 
 # -- report -------------------------------------------------------------------------------
 
-_SCENARIOS: list[dict[str, Any]] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_report() -> Iterator[None]:
-    yield
-    directory = os.environ.get("RELIABILITY_REPORT_DIR")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        document = {"file": "tests/reliability/test_database_faults.py", "scenarios": _SCENARIOS}
-        (Path(directory) / "test_database_faults.json").write_text(
-            json.dumps(document, indent=2) + "\n"
-        )
-
-
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    """Observations of one scenario; its outcome is filled in after the test ran."""
-    failed_before = request.session.testsfailed
-    entry: dict[str, Any] = {"scenario": request.node.name, "observations": {}}
-    yield entry["observations"]
-    entry["outcome"] = "failed" if request.session.testsfailed > failed_before else "passed"
-    _SCENARIOS.append(entry)
-
 
 # -- helpers ------------------------------------------------------------------------------
 

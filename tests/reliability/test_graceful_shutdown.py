@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,26 +20,10 @@ from bridge.events import hydra_envelope
 from bridge.spool import SpoolLayout, write_event
 from tests.integration.daemonproc import DaemonProcess, wait_for
 from tests.nixhelpers import Built, build, hydra_payload
+from tests.reliability.reporting import query, write_report
 
 KILL_GRACE_SECONDS = 5.0  # bridge.process: SIGTERM to the push's group, then SIGKILL after this
 EXIT_MARGIN_SECONDS = 3.0
-
-
-def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the daemon's queue database without writing to it."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def write_report(name: str, data: dict[str, Any]) -> None:
-    """Save the figures as JSON in $RELIABILITY_REPORT_DIR, if set."""
-    directory = os.environ.get("RELIABILITY_REPORT_DIR")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def states(db: Path) -> dict[str, int]:

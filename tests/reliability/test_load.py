@@ -19,18 +19,17 @@ import json
 import os
 import random
 import re
-import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from bridge.events import hook_envelope, hydra_envelope
 from bridge.spool import SpoolLayout, write_event
 from tests.integration.daemonproc import DaemonProcess, bridge
 from tests.nixhelpers import Built, build, hydra_payload
+from tests.reliability.reporting import query, write_report
 
 DERIVATIONS = 100
 PRODUCERS = 100
@@ -44,23 +43,6 @@ WINDOW_SECONDS = 20.0
 RSS_RATIO = 1.25
 DRAIN_TIMEOUT = 60.0
 CACHES = ("team", "mirror")
-
-
-def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the daemon's queue database without writing to it."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def write_report(name: str, data: dict[str, Any]) -> None:
-    """Save the figures as JSON in $RELIABILITY_REPORT_DIR, if set."""
-    directory = os.environ.get("RELIABILITY_REPORT_DIR")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def rss_kib(pid: int) -> int | None:

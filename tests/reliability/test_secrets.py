@@ -180,7 +180,8 @@ def test_secrets_never_leak_when_the_backend_prints_its_whole_environment(
     # Producers that (by mistake or malice) drop copies and links of the token file into the
     # spool: they are quarantined, and their .reason files must not quote the content.
     incoming = state / "spool" / "incoming"
-    shutil.copy(creds.token_file, incoming / "token-copy.json")
+    # copyfile, not copy: the daemon may take the file before a later chmod could run.
+    shutil.copyfile(creds.token_file, incoming / "token-copy.json")
     os.symlink(creds.token_file, incoming / "token-symlink.json")
     os.link(creds.key_file, incoming / "key-hardlink.json")
     (incoming / "key-in-json.json").write_text(json.dumps(creds.key))
