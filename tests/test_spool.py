@@ -164,9 +164,7 @@ class TestWriteEvent:
         assert target.read_bytes().isascii()
         assert decode_json(target.read_bytes()) == {"description": "caf\u00e9 \u2603"}
 
-    def test_undecodable_environment_text_still_makes_valid_json(
-        self, layout: SpoolLayout
-    ) -> None:
+    def test_undecodable_environment_text_still_makes_valid_json(self, layout: SpoolLayout) -> None:
         # os.environ holds undecodable bytes as lone surrogates; the file stays valid JSON
         # and the daemon rejects it with a reason instead of the producer failing.
         target = write_event(layout, "hook", {"drv_path": "\udcff", "out_paths": ""})

@@ -346,8 +346,10 @@ def test_unexpected_backend_exception_is_a_failed_push_with_backoff(
     harness.start({"c": cache("c")}, {"c": ScriptedBackend("c", handler)})
     wait_until(lambda: harness.count("c", "pushed") == 2)
     assert harness.item("c", built[0].out)[1] == 1  # the failed attempt counts
-    assert harness.value("pushes_failed_total", cache="c", backend="nix-copy",
-                         reason="spawn_error") == 1
+    assert (
+        harness.value("pushes_failed_total", cache="c", backend="nix-copy", reason="spawn_error")
+        == 1
+    )
     assert calls["n"] == 3  # one failure, then the two halves of the split batch
 
 

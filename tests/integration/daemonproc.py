@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.nixhelpers import Built, hydra_payload
+
 
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
@@ -59,6 +61,47 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def enqueue_hydra(
+    daemon: DaemonProcess, directory: Path, build_id: int, built: Built, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    """Record a Hydra payload for a built path with the real `enqueue-hydra` command."""
+    payload = directory / f"payload-{build_id}.json"
+    payload.write_text(json.dumps(hydra_payload(build_id, built)))
+    return bridge(
+        "enqueue-hydra",
+        "--config",
+        str(daemon.config),
+        "--json-file",
+        str(payload),
+        env=daemon.env,
+        timeout=timeout,
+    )
+
+
+def enqueue_all(
+    daemon: DaemonProcess, directory: Path, items: list[Built], first_id: int = 1
+) -> None:
+    """One Hydra payload per built path, each recorded successfully."""
+    for offset, item in enumerate(items):
+        done = enqueue_hydra(daemon, directory, first_id + offset, item)
+        assert done.returncode == 0, done.stderr
+
+
+def write_hook(daemon: DaemonProcess, directory: Path) -> Path:
+    """The real generated post-build-hook for the daemon's config, as an executable file."""
+    done = bridge("hook-script", "--config", str(daemon.config), env=daemon.env)
+    assert done.returncode == 0, done.stderr
+    hook = directory / "post-build-hook.sh"
+    hook.write_text(done.stdout)
+    hook.chmod(0o755)
+    return hook
+
+
+def mirror(cache: Path) -> str:
+    """Config of a nix-copy cache named `mirror` at a file:// directory."""
+    return f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
 
 
 class DaemonProcess:

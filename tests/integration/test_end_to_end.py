@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
+from tests.integration.daemonproc import DaemonProcess, bridge, wait_for, write_hook
 from tests.nixhelpers import build, hydra_payload, narinfo, offline_env
 
 
@@ -17,11 +17,7 @@ def test_hook_script_builds_arrive_in_file_cache(
 ) -> None:
     cache = tmp_path / "binary-cache"
     daemon = daemon_factory(f'[caches.local]\nbackend = "nix-copy"\nuri = "file://{cache}"\n')
-    hook = tmp_path / "post-build-hook"
-    script = bridge("hook-script", "--config", str(daemon.config))
-    assert script.returncode == 0, script.stderr
-    hook.write_text(script.stdout)
-    hook.chmod(0o755)
+    hook = write_hook(daemon, tmp_path)
 
     built = build(workdir, 3, hook=hook, depends_on_first=True)
 
@@ -36,8 +32,10 @@ def test_hook_script_builds_arrive_in_file_cache(
     assert daemon.metric("hydra_cachix_bridge_events_received_total", source="hook") == 3
     assert daemon.metric("hydra_cachix_bridge_paths_pushed_total", cache="local") == 3
     # NAR sizes are counted in the background, about once a second.
-    wait_for(lambda: daemon.metric("hydra_cachix_bridge_pushed_bytes_total", cache="local") > 0,
-             message="pushed bytes counted")
+    wait_for(
+        lambda: daemon.metric("hydra_cachix_bridge_pushed_bytes_total", cache="local") > 0,
+        message="pushed bytes counted",
+    )
     counts = daemon.counts("local")
     assert counts["pushed"] == 3 and counts["pending"] == 0 and counts["dead"] == 0
     # The spool is empty again: every event file was removed after its rows were committed.

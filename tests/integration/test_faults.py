@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
+from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
 from tests.nixhelpers import Built, build, hydra_payload, narinfo
 
 PUSH = "[push]\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 0.5\n"
@@ -18,22 +18,6 @@ PUSH = "[push]\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 0.5\n"
 def cachix_cache(name: str = "team", token: Path | None = None) -> str:
     """Config of one cachix cache with a token file."""
     return f'[caches.{name}]\nbackend = "cachix"\nauth_token_file = "{token}"\n'
-
-
-def enqueue(daemon: DaemonProcess, tmp_path: Path, items: list[Built], first_id: int = 1) -> None:
-    """Record one Hydra payload per built path with the real enqueue-hydra command."""
-    for offset, item in enumerate(items):
-        path = tmp_path / f"payload-{first_id + offset}.json"
-        path.write_text(json.dumps(hydra_payload(first_id + offset, item)))
-        done = bridge(
-            "enqueue-hydra",
-            "--config",
-            str(daemon.config),
-            "--json-file",
-            str(path),
-            env=daemon.env,
-        )
-        assert done.returncode == 0, done.stderr
 
 
 def calls(tmp_path: Path) -> list[dict[str, object]]:
@@ -59,7 +43,7 @@ def test_transient_failures_are_retried_until_pushed(
         env={"FAKE_CACHIX_FAIL_COUNT_FILE": str(tmp_path / "fails"), "FAKE_CACHIX_FAIL_TIMES": "2"},
     )
     items = build(workdir, 2)
-    enqueue(daemon, tmp_path, items)
+    enqueue_all(daemon, tmp_path, items)
     for item in items:
         wait_for(
             lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
@@ -91,7 +75,7 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
     )
     # Everything is in the spool before the daemon starts again, so the first push is one batch.
     assert daemon.terminate() == 0
-    enqueue(daemon, tmp_path, items)
+    enqueue_all(daemon, tmp_path, items)
     daemon.start()
     wait_for(lambda: daemon.counts("team").get("pushed") == 5, message="five pushed")
     counts = daemon.counts("team")
@@ -127,7 +111,7 @@ def test_hung_push_is_killed_with_its_process_group_at_timeout(
         env={"FAKE_CACHIX_HANG": "1"},
     )
     (item,) = build(workdir, 1)
-    enqueue(daemon, tmp_path, [item])
+    enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, timeout=60, message="dead letter")
     assert (
         daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="timeout")
@@ -163,7 +147,7 @@ def test_sigkill_mid_push_loses_nothing(
         "[push]\nbatch_size = 2\nworkers = 2\n" + cachix_cache(token=token_file(tmp_path)),
         env={"FAKE_CACHIX_SLEEP": "1.5"},
     )
-    enqueue(daemon, tmp_path, items)
+    enqueue_all(daemon, tmp_path, items)
     wait_for(lambda: daemon.counts("team").get("inflight", 0) > 0, message="a push in flight")
     daemon.kill()
     before = daemon.counts("team")
@@ -192,7 +176,7 @@ def test_sigterm_lets_running_push_finish_and_keeps_the_rest(
         + cachix_cache(token=token_file(tmp_path)),
         env={"FAKE_CACHIX_SLEEP": "2"},
     )
-    enqueue(daemon, tmp_path, items)
+    enqueue_all(daemon, tmp_path, items)
     wait_for(lambda: daemon.counts("team").get("inflight", 0) == 1, message="a push in flight")
     started = time.monotonic()
     assert daemon.terminate() == 0
@@ -218,7 +202,7 @@ def test_sigterm_past_grace_kills_the_push_and_leaves_it_pending(
         "[push]\nshutdown_grace_seconds = 1\n" + cachix_cache(token=token_file(tmp_path)),
         env={"FAKE_CACHIX_HANG": "1"},
     )
-    enqueue(daemon, tmp_path, [item])
+    enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("inflight", 0) == 1, message="a push in flight")
     started = time.monotonic()
     assert daemon.terminate() == 0
@@ -278,6 +262,6 @@ def test_spool_directory_removed_is_noticed_and_restored(
     wait_for(lambda: daemon.health()[0] == 200 and incoming.is_dir(), message="watch restored")
     assert "spool watch" in daemon.log()
     (item,) = build(workdir, 1)
-    enqueue(daemon, tmp_path, [item])
+    enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: narinfo(cache, item).is_file(), message="push after restore")
     os.kill(daemon.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemonproc import DaemonProcess, bridge, free_port, wait_for
-from tests.nixhelpers import build, hydra_payload, narinfo
+from tests.integration.daemonproc import DaemonProcess, enqueue_all, free_port, wait_for
+from tests.nixhelpers import build, narinfo
 from tests.test_alert_rules import alert_expressions
 from tests.test_grafana_dashboard import dashboard_queries
 
@@ -158,26 +158,12 @@ def test_every_panel_query_and_alert_expression_returns_data(
     )
     server = prometheus_factory(daemon.port)
 
-    def enqueue(items: list[Any], first_id: int) -> None:
-        for offset, item in enumerate(items):
-            path = tmp_path / f"p{first_id + offset}.json"
-            path.write_text(json.dumps(hydra_payload(first_id + offset, item)))
-            done = bridge(
-                "enqueue-hydra",
-                "--config",
-                str(daemon.config),
-                "--json-file",
-                str(path),
-                env=daemon.env,
-            )
-            assert done.returncode == 0, done.stderr
-
-    enqueue(first, 1)
+    enqueue_all(daemon, tmp_path, first, 1)
     wait_for(lambda: all(narinfo(mirror, item).is_file() for item in first), message="wave 1")
     wait_for(lambda: server.query(f'up{{job="{JOB}"}} == 1'), timeout=60, message="scrapes")
     time.sleep(3)
     # A second wave after scraping began, so rates and increases see change; one path fails.
-    enqueue(second, 10)
+    enqueue_all(daemon, tmp_path, second, 10)
     (tmp_path / "state" / "spool" / "incoming" / "garbage.json").write_text("{not json")
     wait_for(
         lambda: daemon.counts("team").get("dead") == 1 and daemon.counts("team").get("pushed") == 6,
@@ -186,8 +172,13 @@ def test_every_panel_query_and_alert_expression_returns_data(
     time.sleep(4)
 
     # The daemon's own exposition passes promtool's linter.
-    lint = subprocess.run(["promtool", "check", "metrics"], input=daemon.metrics_text(),
-                          capture_output=True, text=True, check=False)
+    lint = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=daemon.metrics_text(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
     queries = dashboard_queries()

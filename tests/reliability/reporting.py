@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +25,10 @@ def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, .
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def unmount(path: Path) -> None:
+    """Unmount a test mount; if still busy (a daemon not yet reaped), detach it now."""
+    done = subprocess.run(["umount", str(path)], capture_output=True, check=False)
+    if done.returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

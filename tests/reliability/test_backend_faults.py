@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
-from tests.nixhelpers import Built, build, hydra_payload, narinfo
+from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for, write_hook
+from tests.nixhelpers import Built, build, narinfo
 
 pytestmark = pytest.mark.integration
 
@@ -45,32 +45,6 @@ def cachix(name: str, token: Path, extra: str = "") -> str:
 
 def nix_copy(name: str, cache: Path) -> str:
     return f'[caches.{name}]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
-
-
-def write_hook(daemon: DaemonProcess, directory: Path) -> Path:
-    """The real generated post-build-hook, used by nix-build for every local build."""
-    done = bridge("hook-script", "--config", str(daemon.config), env=daemon.env)
-    assert done.returncode == 0, done.stderr
-    hook = directory / "post-build-hook.sh"
-    hook.write_text(done.stdout)
-    hook.chmod(0o755)
-    return hook
-
-
-def enqueue(daemon: DaemonProcess, directory: Path, items: list[Built], first_id: int = 1) -> None:
-    """One Hydra payload per path, recorded with the real enqueue-hydra command."""
-    for offset, item in enumerate(items):
-        payload = directory / f"payload-{first_id + offset}.json"
-        payload.write_text(json.dumps(hydra_payload(first_id + offset, item)))
-        done = bridge(
-            "enqueue-hydra",
-            "--config",
-            str(daemon.config),
-            "--json-file",
-            str(payload),
-            env=daemon.env,
-        )
-        assert done.returncode == 0, done.stderr
 
 
 def arrived(cache: Path, items: list[Built]) -> bool:
@@ -271,7 +245,7 @@ def test_backend_killed_by_a_signal_is_counted_logged_and_dead_lettered(
         FAST + "max_attempts = 2\n" + cachix("team", token), env={"FAKE_CACHIX_CRASH": "1"}
     )
     (item,) = build(workdir, 1)
-    enqueue(daemon, tmp_path, [item])
+    enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
     assert daemon.metric(FAILED, cache="team", reason="signal") == 2
     assert daemon.metric(FAILED, cache="team", reason="exit_status") == 0
@@ -303,7 +277,7 @@ def test_missing_backend_executable_is_a_spawn_error_and_the_daemon_stays_health
         + nix_copy("mirror", mirror)
     )
     items = build(workdir, 2)
-    enqueue(daemon, tmp_path, items[:1])
+    enqueue_all(daemon, tmp_path, items[:1])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
     assert daemon.metric(FAILED, cache="team", reason="spawn_error") == 2
     assert daemon.metric(DEAD, cache="team") == 1
@@ -317,7 +291,7 @@ def test_missing_backend_executable_is_a_spawn_error_and_the_daemon_stays_health
     # Healthy, and the other cache still works, before and after.
     assert daemon.health()[0] == 200
     wait_for(lambda: arrived(mirror, items[:1]), message="the other cache works")
-    enqueue(daemon, tmp_path, items[1:], first_id=2)
+    enqueue_all(daemon, tmp_path, items[1:], first_id=2)
     wait_for(lambda: arrived(mirror, items), message="the other cache keeps working")
     assert not daemon.proc_exited()
 
@@ -346,7 +320,7 @@ def test_megabytes_of_backend_output_neither_bloat_the_daemon_nor_the_stored_err
     # Warm up code paths (ingest, a push, metrics) so the baseline is a working daemon.
     daemon.metrics_text()
     before = vm_kib(pid, "VmHWM")
-    enqueue(daemon, tmp_path, [item])
+    enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("pushed") == 1, message="pushed despite spam")
     after = vm_kib(pid, "VmHWM")
     report["peak_rss_kib_before_after"] = [before, after]

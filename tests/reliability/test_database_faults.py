@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
-from tests.nixhelpers import Built, build, hydra_payload, narinfo
+from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_hydra, mirror, wait_for
+from tests.nixhelpers import Built, build, narinfo
+from tests.reliability.reporting import unmount
 
 pytestmark = pytest.mark.integration
 
@@ -33,26 +34,6 @@ EMPTY = {"pending": 0, "inflight": 0, "pushed": 0, "skipped": 0, "dead": 0}
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def mirror(cache: Path) -> str:
-    return f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
-
-
-def enqueue_hydra(
-    daemon: DaemonProcess, directory: Path, build_id: int, built: Built
-) -> subprocess.CompletedProcess[str]:
-    payload = directory / f"payload-{build_id}.json"
-    payload.write_text(json.dumps(hydra_payload(build_id, built)))
-    return bridge(
-        "enqueue-hydra",
-        "--config",
-        str(daemon.config),
-        "--json-file",
-        str(payload),
-        env=daemon.env,
-        timeout=20,
-    )
 
 
 def run_hook(daemon: DaemonProcess, directory: Path, built: Built) -> None:
@@ -95,12 +76,6 @@ def assert_clear_failure(
     return errors[-1]
 
 
-def _unmount(path: Path) -> None:
-    done = subprocess.run(["umount", str(path)], capture_output=True, check=False)
-    if done.returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 @contextlib.contextmanager
 def mounted(*commands: list[str], target: Path) -> Iterator[Path]:
     """Run mount commands on target; unmount (once per mount) afterwards."""
@@ -112,7 +87,7 @@ def mounted(*commands: list[str], target: Path) -> Iterator[Path]:
         yield target
     finally:
         for _ in range(count):
-            _unmount(target)
+            unmount(target)
 
 
 def spool_snapshot(spool: Path) -> dict[str, bytes]:

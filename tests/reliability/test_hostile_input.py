@@ -70,7 +70,7 @@ from bridge.spool import SpoolLayout, reason_path
 from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
+from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
 from tests.nixhelpers import Built, build, hydra_payload, narinfo
 
 # ----------------------------------------------------------------------------- settings
@@ -1375,20 +1375,6 @@ def put(layout: SpoolLayout, name: str | bytes, data: bytes) -> None:
     os.rename(tmp, os.path.join(os.fsencode(layout.incoming), raw))
 
 
-def enqueue_built(daemon: DaemonProcess, tmp_path: Path, build_id: int, built: Any) -> None:
-    payload = tmp_path / f"payload-{build_id}.json"
-    payload.write_text(json.dumps(hydra_payload(build_id, built)))
-    done = bridge(
-        "enqueue-hydra",
-        "--config",
-        str(daemon.config),
-        "--json-file",
-        str(payload),
-        env=daemon.env,
-    )
-    assert done.returncode == 0, done.stderr
-
-
 HOSTILE_BURST: list[tuple[str, bytes]] = [
     (f"burst-{i:03d}.json", data)
     for i, data in enumerate(
@@ -1546,7 +1532,7 @@ def test_daemon_survives_a_burst_of_hostile_files_and_still_pushes(
                 assert all(oracle_store_path(p) for p in call["argv"][6:])
         # Still healthy, and a real build is still pushed afterwards.
         [built] = build(workdir, 1, prefix="hcb-hostile")
-        enqueue_built(daemon, tmp_path, 1, built)
+        enqueue_all(daemon, tmp_path, [built], 1)
         wait_for(
             lambda: narinfo(fake_cachix / "team", built).is_file(),
             timeout=60,

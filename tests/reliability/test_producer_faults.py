@@ -22,8 +22,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
-from tests.nixhelpers import Built, build, hydra_payload, narinfo
+from tests.integration.daemonproc import (
+    DaemonProcess,
+    bridge,
+    enqueue_hydra,
+    mirror,
+    wait_for,
+    write_hook,
+)
+from tests.nixhelpers import Built, build, narinfo
+from tests.reliability.reporting import unmount
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +45,6 @@ FAST = (
 # -- mounts and filling -------------------------------------------------------------------
 
 
-def _unmount(path: Path) -> None:
-    done = subprocess.run(["umount", str(path)], capture_output=True, check=False)
-    if done.returncode != 0:
-        # Still busy (a daemon not yet reaped): detach now, freed when the last user goes.
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
     """A small tmpfs mounted at path for the duration of the block."""
@@ -52,7 +53,7 @@ def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
     try:
         yield path
     finally:
-        _unmount(path)
+        unmount(path)
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def read_only(path: Path) -> Iterator[Path]:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
         yield path
     finally:
-        _unmount(path)
+        unmount(path)
 
 
 def fill(directory: Path) -> Path:
@@ -91,16 +92,6 @@ def fill(directory: Path) -> Path:
 # -- producers ----------------------------------------------------------------------------
 
 
-def write_hook(daemon: DaemonProcess, directory: Path) -> Path:
-    """The real generated post-build-hook for the daemon's config, as an executable file."""
-    done = bridge("hook-script", "--config", str(daemon.config), env=daemon.env)
-    assert done.returncode == 0, done.stderr
-    hook = directory / "post-build-hook.sh"
-    hook.write_text(done.stdout)
-    hook.chmod(0o755)
-    return hook
-
-
 def run_hook(
     hook: Path, built: Built, *, as_nobody: bool = False, timeout: float = 10
 ) -> subprocess.CompletedProcess[str]:
@@ -114,22 +105,6 @@ def run_hook(
         env=env,
         timeout=timeout,
         check=False,
-    )
-
-
-def enqueue_hydra(
-    daemon: DaemonProcess, directory: Path, build_id: int, built: Built
-) -> subprocess.CompletedProcess[str]:
-    payload = directory / f"hydra-payload-{build_id}.json"
-    payload.write_text(json.dumps(hydra_payload(build_id, built)))
-    return bridge(
-        "enqueue-hydra",
-        "--config",
-        str(daemon.config),
-        "--json-file",
-        str(payload),
-        env=daemon.env,
-        timeout=20,
     )
 
 
@@ -186,10 +161,6 @@ def assert_idle(daemon: DaemonProcess, seconds: float = 3.0, limit: float = 0.6)
 
 def all_arrived(cache: Path, items: list[Built]) -> bool:
     return all(narinfo(cache, item).is_file() for item in items)
-
-
-def mirror(cache: Path) -> str:
-    return f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
 
 
 # -- spool missing ------------------------------------------------------------------------

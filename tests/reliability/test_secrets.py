@@ -32,8 +32,8 @@ from bridge.backends import CachixBackend, NixCopyBackend
 from bridge.config import CacheConfig, load_config
 from bridge.render import render_config
 from bridge.secrets import SecretError, read_secret
-from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
-from tests.nixhelpers import Built, build, hydra_payload, narinfo
+from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
+from tests.nixhelpers import build, narinfo
 
 PUSH_FAST = "[push]\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 0.5\n"
 STORE_PATH = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello"
@@ -106,20 +106,6 @@ def cachix_cache(name: str, creds: Secrets, *, executable: Path | None = None) -
     return body
 
 
-def enqueue(daemon: DaemonProcess, tmp_path: Path, build_id: int, built: Built) -> None:
-    payload = tmp_path / f"payload-{build_id}.json"
-    payload.write_text(json.dumps(hydra_payload(build_id, built)))
-    done = bridge(
-        "enqueue-hydra",
-        "--config",
-        str(daemon.config),
-        "--json-file",
-        str(payload),
-        env=daemon.env,
-    )
-    assert done.returncode == 0, done.stderr
-
-
 def database_bytes(state: Path) -> bytes:
     return b"".join(
         p.read_bytes()
@@ -186,7 +172,7 @@ def test_secrets_never_leak_when_the_backend_prints_its_whole_environment(
     os.link(creds.key_file, incoming / "key-hardlink.json")
     (incoming / "key-in-json.json").write_text(json.dumps(creds.key))
     [built] = build(workdir, 1, prefix="hcb-secrets")
-    enqueue(daemon, tmp_path, 1, built)
+    enqueue_all(daemon, tmp_path, [built], 1)
     status = wait_for(
         lambda: (s := daemon.status())["dead_letters"] and s,
         timeout=60,
@@ -259,7 +245,7 @@ def test_token_is_read_at_push_time_and_passed_only_by_environment(
         return [json.loads(line) for line in calls_log.read_text().splitlines()]
 
     [built] = build(workdir, 1, prefix="hcb-rotate")
-    enqueue(daemon, tmp_path, 1, built)
+    enqueue_all(daemon, tmp_path, [built], 1)
     wait_for(lambda: len(calls()) >= 2, timeout=30, message="two refused pushes")
     assert all(c["exit"] == 1 for c in calls())
     creds.assert_absent("daemon log before rotation", daemon.log())
@@ -329,7 +315,7 @@ def test_relative_secret_names_resolve_through_credentials_directory(
         },
     )
     [built] = build(workdir, 1, prefix="hcb-creds")
-    enqueue(daemon, tmp_path, 1, built)
+    enqueue_all(daemon, tmp_path, [built], 1)
     wait_for(
         lambda: narinfo(fake_cachix / "team", built).is_file(),
         timeout=60,
@@ -362,7 +348,7 @@ def test_token_file_with_a_nul_byte_fails_the_push_with_backoff(
         + cachix_cache("team", creds, executable=Path("/bin/true"))
     )
     [built] = build(workdir, 1, prefix="hcb-nul")
-    enqueue(daemon, tmp_path, 1, built)
+    enqueue_all(daemon, tmp_path, [built], 1)
     time.sleep(3)
     text = daemon.log()
     creds.assert_absent("daemon log", text)
