@@ -154,16 +154,6 @@ class LogOffset:
     """The bytes just before offset: if they change, the file was truncated or rewritten."""
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where an item came from (for per-jobset metrics and logs)."""
-
-    build_id: int | None
-    project: str | None
-    jobset: str | None
-    job: str | None
-
-
 def open_database(
     path: Path,
     *,
@@ -497,15 +487,6 @@ class Queue:
                 self.conn.execute(sql + " AND id = ?", (now, now, item_id)).rowcount
                 for item_id in ids
             )
-
-    def origin(self, event_id: int | None) -> Origin:
-        """Build id and project/jobset/job of the event that queued an item."""
-        row = None
-        if event_id is not None:
-            row = self.conn.execute(
-                "SELECT build_id, project, jobset, job FROM events WHERE id = ?", (event_id,)
-            ).fetchone()
-        return Origin(*row) if row else Origin(None, None, None, None)
 
     def prune(self, before: float) -> int:
         """Forget pushed and skipped items, and events, older than `before`."""

@@ -142,7 +142,6 @@ class PushWorkers:
         self._next_cache = 0
         self._threads: list[threading.Thread] = []
         self._held: set[int] = set()
-        self.busy = 0
         self.pushed_bytes = PushedBytes(store, metrics)
 
     def start(self) -> None:
@@ -221,7 +220,6 @@ class PushWorkers:
         finally:
             with self._lock:
                 self._running[cache] -= 1
-                self.busy -= 1
                 self._held.difference_update(item.id for item in items)
 
     def _claim(self, queue: Queue) -> tuple[str, list[Item]] | None:
@@ -232,13 +230,11 @@ class PushWorkers:
                 if self._running[cache] >= self.limits[cache]:
                     continue
                 self._running[cache] += 1
-                self.busy += 1
             try:
                 items = queue.claim(cache, self.settings.batch_size, self.clock.time())
             except BaseException:
                 with self._lock:
                     self._running[cache] -= 1
-                    self.busy -= 1
                 raise
             if items:
                 with self._lock:
@@ -247,7 +243,6 @@ class PushWorkers:
                 return cache, items
             with self._lock:
                 self._running[cache] -= 1
-                self.busy -= 1
         return None
 
     def release_orphans(self, queue: Queue) -> int:
