@@ -3,5 +3,5 @@
 # file:// binary cache) against real Nix builds. Extra arguments go to `demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/hydra-cachix-bridge demo "$@"

@@ -2,7 +2,7 @@
 # Install, then lint, type-check and run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"
 ruff check bridge exporter tests bench
