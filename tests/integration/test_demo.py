@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.integration.daemonproc import bridge
 from tests.nixhelpers import offline_env
+
+pytestmark = pytest.mark.nix
 
 
 def test_demo_pushes_everything_it_builds(tmp_path: Path) -> None:
