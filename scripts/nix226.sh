@@ -21,10 +21,11 @@ cache=${NIX226_CACHE:-/var/cache/hydra-cachix-bridge}
 key=$(cat scripts/nix226.sh pyproject.toml | sha256sum | cut -c1-12)
 image=$cache/trixie-nix-$key.tgz
 root=$(mktemp -d /var/tmp/hcb-nix226.XXXXXX)
+chmod 755 "$root"  # apt in the chroot drops to user _apt
 mounted=()
 unmount_all() {
-  local m
-  for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
+  local i
+  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" 2>/dev/null || true; done
   mounted=()
 }
 cleanup() {
@@ -35,6 +36,8 @@ trap cleanup EXIT
 mount_all() {
   mount -t proc proc "$root/proc" && mounted+=("$root/proc")
   mount --bind /dev "$root/dev" && mounted+=("$root/dev")
+  # Nix 2.26 opens a pseudoterminal for every build.
+  mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts" && mounted+=("$root/dev/pts")
 }
 in_root() {
   chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
@@ -77,6 +80,7 @@ build_image() {
   in_root /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends nix-bin python3 python3-venv ca-certificates >/dev/null'
   # nix-bin without recommends has no nix.conf; Nix's default build group does not exist.
+  mkdir -p "$root/etc/nix"
   printf 'build-users-group =\nsandbox = false\n' > "$root/etc/nix/nix.conf"
   # pip inside the chroot trusts what the host trusts (this network may re-sign TLS).
   cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca.crt"
