@@ -332,9 +332,12 @@ in
         message = "services.hydra-cachix-bridge.cachix names a cache that settings.caches does not define.";
       }
       {
-        assertion = lib.all (name: cfg.cachix.${name}.authTokenFile == null || cachixCaches ? ${name}) (
-          lib.attrNames cfg.cachix
-        );
+        assertion = lib.all (
+          name:
+          cfg.cachix.${name}.authTokenFile == null
+          || !(cfg.settings.caches ? ${name})
+          || cachixCaches ? ${name}
+        ) (lib.attrNames cfg.cachix);
         message = "services.hydra-cachix-bridge.cachix.<name>.authTokenFile is only for caches with backend \"cachix\".";
       }
     ];
