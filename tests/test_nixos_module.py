@@ -357,6 +357,16 @@ def check_rules_given(r: Result) -> None:
     assert r["settings"]["rules"] == [{"jobs": ["proj:main:*"], "caches": ["main"]}]
 
 
+def check_vm_test_machine(r: Result) -> None:
+    """nixos/tests/hydra-cachix-bridge.nix: its machine evaluates, its script renders."""
+    assert r["unit"]["serviceConfig"]["ReadWritePaths"] == [SPOOL, "/var/cache/nix-mirror"]
+    assert r["nixSettings"]["post-build-hook"].startswith(STORE)
+    config_file = r["unit"]["serviceConfig"]["ExecStart"].split("--config ")[1]
+    script = r["vmTestScript"]
+    assert f'config = "{config_file}"' in script
+    compile(script, "vm-test-script", "exec")
+
+
 HYDRA_MISSING = "services.hydra is not\nenabled"
 CHECKS: dict[str, Callable[[Result], None]] = {
     "minimal": check_minimal,
@@ -397,6 +407,7 @@ CHECKS: dict[str, Callable[[Result], None]] = {
     "wrong-type": check_rejected,
     "fractional-grace": check_fractional_grace,
     "extra-read-write-paths": check_extra_read_write_paths,
+    "vm-test-machine": check_vm_test_machine,
 }
 
 

@@ -24,7 +24,22 @@ let
     mapAttrs
     ;
 
-  cases = import ./cases.nix { lib = nixpkgsLib; };
+  # The VM test's machine (nixos/tests/), with the stub package: its config must evaluate
+  # and its test script must render against it.
+  vmTest = import (dir + "/tests/hydra-cachix-bridge.nix");
+  vmTestCase = [
+    vmTest.nodes.machine
+    (
+      { lib, ... }:
+      {
+        options.virtualisation.memorySize = lib.mkOption { type = lib.types.int; };
+        config.services.hydra-cachix-bridge.package = pkgs.hydra-cachix-bridge;
+      }
+    )
+  ];
+  cases = import ./cases.nix { lib = nixpkgsLib; } // {
+    vm-test-machine = vmTestCase;
+  };
   selected =
     if only == "" then
       cases
@@ -95,6 +110,7 @@ let
       scrapeTarget = b.prometheus.scrapeTarget;
       grafanaProviders = c.services.grafana.provision.dashboards.settings.providers;
       systemPackages = map nameOf c.environment.systemPackages;
+      vmTestScript = vmTest.testScript { nodes.machine = c; };
     };
 
   run =

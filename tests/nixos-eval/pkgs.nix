@@ -101,6 +101,7 @@ let
     };
     coreutils = package "coreutils";
     gnused = package "gnused";
+    curl = package "curl";
     remarshal = package "remarshal";
     hydra-cachix-bridge = package "hydra-cachix-bridge";
     python3Packages = {
