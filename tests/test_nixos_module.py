@@ -71,7 +71,9 @@ def evaluate_cases(nixos_dir: Path, only: str = "") -> dict[str, Any]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _requirements() -> None:
-    assert shutil.which("nix-instantiate"), "nix-instantiate missing: the test command installs nix-bin"
+    assert shutil.which("nix-instantiate"), (
+        "nix-instantiate missing: the test command installs nix-bin"
+    )
     if not (nixpkgs_lib() / "default.nix").is_file():
         pytest.skip(f"nixpkgs lib not found at {nixpkgs_lib()} (set HCB_NIXPKGS_LIB)")
 
@@ -552,3 +554,33 @@ def test_a_broken_module_fails_the_checks(
         run_check(case, outcome)
     # The same case passes on the real module (so the breakage, not the case, is at fault).
     run_check(case, evaluated["cases"][case])
+
+
+def unit_file(unit: Result) -> str:
+    """The [Service] section NixOS would write for the evaluated serviceConfig."""
+    lines = ["[Unit]", "Description=hydra-cachix-bridge", "", "[Service]"]
+    for key, value in unit["serviceConfig"].items():
+        for item in value if isinstance(value, list) else [value]:
+            text = ("yes" if item else "no") if isinstance(item, bool) else str(item)
+            lines.append(f"{key}={text}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("case", ["minimal", "file-cache"])
+def test_module_unit_exposure_is_at_most_2_5(
+    evaluated: dict[str, Any], tmp_path: Path, case: str
+) -> None:
+    binary = shutil.which("systemd-analyze")
+    assert binary, "systemd-analyze missing"
+    path = tmp_path / "hydra-cachix-bridge.service"
+    path.write_text(unit_file(evaluated["cases"][case]["result"]["unit"]))
+    done = subprocess.run(
+        [binary, "security", "--offline=yes", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) <= 2.5, done.stdout
