@@ -6,7 +6,8 @@
 
 python3Packages.buildPythonApplication {
   pname = "hydra-cachix-bridge";
-  version = "0.1.0";
+  # One source for the version: pyproject.toml.
+  version = (lib.importTOML ../pyproject.toml).project.version;
   pyproject = true;
 
   src = lib.fileset.toSource {
