@@ -27,7 +27,15 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class JobPattern:
-    """Hydra's `project:jobset:job` pattern: each part is `*` or must match exactly."""
+    """Hydra's `project:jobset:job` pattern: each part is `*` or must equal the value.
+
+    Parsed exactly as Hydra's RunCommand plugin does (NixOS/hydra,
+    subprojects/hydra/lib/Hydra/Plugin/RunCommand.pm, `configSectionMatches`): the text is
+    split with Perl's `split /:/`, which drops trailing empty fields; more than three fields
+    is an error; a missing field is `*`. So `""`, `proj:`, `proj::` and `proj:main:simple:`
+    are all valid, while an empty field before a non-empty one (`proj::simple`) must equal
+    the empty string. `*` is a wildcard only as a whole part: `release-*` is literal.
+    """
 
     project: str
     jobset: str
@@ -35,10 +43,15 @@ class JobPattern:
 
     @classmethod
     def parse(cls, text: str) -> JobPattern:
-        """Parse a pattern; missing trailing parts mean `*`, more than three is an error."""
+        """Parse a pattern as Hydra does; more than three parts is a ValueError."""
         parts = text.split(":")
-        if len(parts) > 3 or not text:
-            raise ValueError(f"invalid job pattern {text!r}: expected project:jobset:job")
+        while parts and not parts[-1]:  # Perl's split drops trailing empty fields
+            parts.pop()
+        if len(parts) > 3:
+            raise ValueError(
+                f"invalid job pattern {text!r}: Hydra allows at most three ':'-separated "
+                "parts (project:jobset:job)"
+            )
         parts += ["*"] * (3 - len(parts))
         return cls(*parts)
 
@@ -48,6 +61,10 @@ class JobPattern:
             want == "*" or want == got
             for want, got in ((self.project, project), (self.jobset, jobset), (self.job, job))
         )
+
+    def literal_stars(self) -> tuple[str, ...]:
+        """Parts that contain `*` without being `*`: Hydra matches them literally."""
+        return tuple(p for p in (self.project, self.jobset, self.job) if "*" in p and p != "*")
 
     def __str__(self) -> str:
         return f"{self.project}:{self.jobset}:{self.job}"
@@ -138,6 +155,8 @@ class Config:
     retention_days: float = 14.0
     log_level: str = "info"
     source_file: Path | None = None
+    # `FILE:KEY: message` lines about settings that work but may not mean what was meant.
+    warnings: tuple[str, ...] = ()
 
     @property
     def database_path(self) -> Path:
@@ -238,6 +257,34 @@ def _type_name(kind: type) -> str:
     }.get(kind, kind.__name__)
 
 
+# Nix signs only when copying to a binary-cache store; `secret-key` is a setting of those
+# stores alone and every other store (ssh://, ssh-ng://, local, daemon, unix://, a path)
+# ignores it without a word (NixOS/nix: `secret-key` is declared in BinaryCacheStoreConfig
+# only, libstore's binary-cache-store.hh).
+SIGNING_SCHEMES = ("file", "s3", "http", "https")
+
+
+def store_scheme(uri: str) -> str:
+    """The scheme of a Nix store URI (`local`, `daemon`, `auto` and paths have none: '')."""
+    scheme, sep, _ = uri.partition("://")
+    return scheme if sep else ""
+
+
+def signs_paths(uri: str) -> bool:
+    """True when `nix copy --to uri` honours `secret-key=` (a binary-cache store)."""
+    return store_scheme(uri) in SIGNING_SCHEMES
+
+
+def _unsigned_store_message(uri: str) -> str:
+    scheme = store_scheme(uri)
+    kind = f"{scheme}://" if scheme else f"{uri.partition('?')[0]!r}"
+    return (
+        f"Nix signs only when copying to a binary-cache store (file://, s3://, http://, "
+        f"https://); a {kind} store ignores the key and the paths arrive unsigned. Sign on "
+        "the receiving side (or in Hydra) and remove this key"
+    )
+
+
 def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> CacheConfig | None:
     if not isinstance(table, dict):
         problems.append(f"{file}:caches.{name}: must be a table")
@@ -268,6 +315,11 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
         for key in ("cachix_config", "hostname", "auth_token_file"):
             if key in table:
                 r.error(key, "is only for backend cachix")
+    if backend == "nix-copy" and cache.uri and not signs_paths(cache.uri):
+        if cache.signing_key_file is not None:
+            r.error("signing_key_file", _unsigned_store_message(cache.uri))
+        elif "secret-key=" in cache.uri.partition("?")[2]:
+            r.error("uri", "secret-key=: " + _unsigned_store_message(cache.uri))
     if cache.max_parallel is not None and cache.max_parallel < 1:
         r.error("max_parallel", "must be at least 1")
     r.finish()
@@ -275,7 +327,12 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
 
 
 def _parse_rule(
-    file: str, index: int, table: Any, caches: dict[str, CacheConfig], problems: list[str]
+    file: str,
+    index: int,
+    table: Any,
+    caches: dict[str, CacheConfig],
+    problems: list[str],
+    warnings: list[str],
 ) -> Rule | None:
     prefix = f"rules[{index}]."
     if not isinstance(table, dict):
@@ -291,9 +348,16 @@ def _parse_rule(
     patterns: list[JobPattern] = []
     for text in r.strings("jobs", ()):
         try:
-            patterns.append(JobPattern.parse(text))
+            pattern = JobPattern.parse(text)
         except ValueError as exc:
             r.error("jobs", str(exc))
+            continue
+        patterns.append(pattern)
+        for part in pattern.literal_stars():
+            warnings.append(
+                f"{file}:{r.key('jobs')}: pattern {text!r}: {part!r} is matched literally, "
+                "as Hydra does ('*' is a wildcard only as a whole part)"
+            )
     sources = r.strings("sources", SOURCES)
     for source in sources:
         if source not in SOURCES:
@@ -318,6 +382,7 @@ def _parse_rule(
 def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> Config:
     """Validate a decoded TOML document into a Config, or raise ConfigError."""
     problems: list[str] = []
+    warnings: list[str] = []
     top = _Reader(file, data, "", problems)
     base = base or Path.cwd()
     state_dir = top.path("state_dir") or default_state_dir()
@@ -384,7 +449,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     if raw_rules is None:
         rules = [Rule(caches=tuple(caches))] if caches else []
     for index, table in enumerate(raw_rules or []):
-        rule = _parse_rule(file, index, table, caches, problems)
+        rule = _parse_rule(file, index, table, caches, problems, warnings)
         if rule is not None:
             rules.append(rule)
 
@@ -418,6 +483,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         retention_days=retention,
         log_level=log_level,
         source_file=Path(file) if file != "<defaults>" else None,
+        warnings=tuple(warnings),
     )
 
 

@@ -496,6 +496,76 @@ class TestErrors:
         assert problem.startswith(f"{path}:{key}: "), problem
         assert message in problem
 
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "ssh://builder",
+            "ssh-ng://builder?compress=true",
+            "local",
+            "daemon",
+            "auto",
+            "unix:///nix/var/nix/daemon-socket/socket",
+            "/srv/other-store",
+            "local?root=/srv/root",
+        ],
+    )
+    def test_signing_key_on_a_store_that_does_not_sign(
+        self, write_config: Writer, uri: str
+    ) -> None:
+        path = write_config(
+            f'[caches.mirror]\nbackend = "nix-copy"\nuri = "{uri}"\n'
+            'signing_key_file = "/run/keys/mirror.key"\n'
+        )
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:caches.mirror.signing_key_file: "), problem
+        assert "file://, s3://, http://, https://" in problem
+        assert "unsigned" in problem
+
+    def test_secret_key_in_the_uri_of_a_store_that_does_not_sign(
+        self, write_config: Writer
+    ) -> None:
+        path = write_config('[caches.m]\nbackend = "nix-copy"\nuri = "ssh-ng://h?secret-key=/k"\n')
+        assert only_problem(path).startswith(f"{path}:caches.m.uri: secret-key=: Nix signs only")
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "file:///srv/cache",
+            "file:///srv/cache?compression=zstd",
+            "s3://bucket?region=eu-west-1",
+            "http://cache.example",
+            "https://cache.example/upload",
+        ],
+    )
+    def test_signing_key_on_a_binary_cache_store(self, write_config: Writer, uri: str) -> None:
+        path = write_config(
+            f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\nsigning_key_file = "/k"\n'
+        )
+        assert load_config(path).caches["m"].signing_key_file == Path("/k")
+
+    def test_signing_key_for_cachix_is_fine(self, write_config: Writer) -> None:
+        path = write_config('[caches.c]\nbackend = "cachix"\nsigning_key_file = "/k"\n')
+        assert load_config(path).caches["c"].signing_key_file == Path("/k")
+
+    def test_literal_star_in_a_job_pattern_is_a_warning(self, write_config: Writer) -> None:
+        path = write_config(
+            MINIMAL_CACHE
+            + "[[rules]]\ncaches = ['c']\njobs = ['*:*:*', 'proj:release-*:*']\n"
+            + "[[rules]]\ncaches = ['c']\njobs = ['x*']\n"
+        )
+        config = load_config(path)
+        assert config.warnings == (
+            f"{path}:rules[0].jobs: pattern 'proj:release-*:*': 'release-*' is matched "
+            "literally, as Hydra does ('*' is a wildcard only as a whole part)",
+            f"{path}:rules[1].jobs: pattern 'x*': 'x*' is matched literally, as Hydra does "
+            "('*' is a wildcard only as a whole part)",
+        )
+        assert config.rules[0].jobs[1] == JobPattern("proj", "release-*", "*")
+
+    def test_no_warnings_for_plain_patterns(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + "[[rules]]\ncaches = ['c']\njobs = ['p:*:*', '']\n")
+        assert load_config(path).warnings == ()
+
     def test_no_cache_at_all(self, write_config: Writer) -> None:
         path = write_config("")
         assert only_problem(path) == f"{path}:caches: at least one [caches.NAME] table is required"
@@ -510,7 +580,7 @@ class TestErrors:
             ("caches = []\n", "rules[0].caches", "is required"),
             ("jobs = ['a:b']\n", "rules[0].caches", "is required"),
             ("caches = ['c']\njobs = ['a:b:c:d']\n", "rules[0].jobs", "invalid job pattern"),
-            ("caches = ['c']\njobs = ['']\n", "rules[0].jobs", "invalid job pattern"),
+            ("caches = ['c']\njobs = [':::x']\n", "rules[0].jobs", "invalid job pattern"),
             ("caches = ['c']\njobs = 'a:b:c'\n", "rules[0].jobs", "must be a list"),
             ("caches = ['c']\nsources = ['cron']\n", "rules[0].sources", "unknown source 'cron'"),
             (
@@ -591,10 +661,35 @@ class TestJobPattern:
     def test_fewer_parts_mean_star(self, text: str, expected: tuple[str, str, str]) -> None:
         assert JobPattern.parse(text) == JobPattern(*expected)
 
-    @pytest.mark.parametrize("text", ["a:b:c:d", "a:b:c:", "::::", ""])
+    @pytest.mark.parametrize("text", ["a:b:c:d", "a:b:c:d:", ":::x", "a::::e"])
     def test_invalid(self, text: str) -> None:
         with pytest.raises(ValueError, match="invalid job pattern"):
             JobPattern.parse(text)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # Perl's split /:/ drops trailing empty fields, as Hydra parses patterns.
+            ("", ("*", "*", "*")),
+            ("::", ("*", "*", "*")),
+            ("::::", ("*", "*", "*")),
+            ("proj:", ("proj", "*", "*")),
+            ("proj:main:simple:", ("proj", "main", "simple")),
+            ("a:b:c:", ("a", "b", "c")),
+            # An empty field before a non-empty one stays: it must equal "".
+            ("proj::simple", ("proj", "", "simple")),
+            (":main:simple", ("", "main", "simple")),
+        ],
+    )
+    def test_empty_fields_as_hydra_splits_them(
+        self, text: str, expected: tuple[str, str, str]
+    ) -> None:
+        assert JobPattern.parse(text) == JobPattern(*expected)
+
+    def test_literal_stars(self) -> None:
+        assert JobPattern.parse("*:release-*:*").literal_stars() == ("release-*",)
+        assert JobPattern.parse("*:*:*").literal_stars() == ()
+        assert JobPattern.parse("a*:**:x*y").literal_stars() == ("a*", "**", "x*y")
 
     def test_star_matches_anything(self) -> None:
         pattern = JobPattern.parse("*:*:*")
