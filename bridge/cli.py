@@ -248,11 +248,30 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
 
 @main.command("check-config")
 @config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the config and print the effective settings (secrets are never shown)."""
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check the file alone (syntax, types, rules), not this host: for build-time checks "
+    "where secrets, executables and directories are not there yet.",
+)
+def check_config(config_path: Path | None, offline: bool) -> None:
+    """Check the config, and unless --offline that it can work on this host; print it.
+
+    Exits 1 with `FILE:KEY: message` lines when the file is invalid or, on this host, a
+    secret file cannot be read, the backend's executable is missing, or a directory the
+    daemon writes cannot be written or created. Warnings go to stderr without failing.
+    """
+    from bridge.preflight import check_host
     from bridge.render import render_config
 
     config = _load(config_path)
+    for warning in config.warnings:
+        click.echo(warning, err=True)
+    problems = [] if offline else check_host(config)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
     click.echo(render_config(config), nl=False)
 
 

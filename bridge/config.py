@@ -355,8 +355,8 @@ def _parse_rule(
         patterns.append(pattern)
         for part in pattern.literal_stars():
             warnings.append(
-                f"{file}:{r.key('jobs')}: pattern {text!r}: {part!r} is matched literally, "
-                "as Hydra does ('*' is a wildcard only as a whole part)"
+                f"{file}:{r.key('jobs')}: warning: pattern {text!r}: {part!r} is matched "
+                "literally, as Hydra does ('*' is a wildcard only as a whole part)"
             )
     sources = r.strings("sources", SOURCES)
     for source in sources:

@@ -555,10 +555,10 @@ class TestErrors:
         )
         config = load_config(path)
         assert config.warnings == (
-            f"{path}:rules[0].jobs: pattern 'proj:release-*:*': 'release-*' is matched "
+            f"{path}:rules[0].jobs: warning: pattern 'proj:release-*:*': 'release-*' is matched "
             "literally, as Hydra does ('*' is a wildcard only as a whole part)",
-            f"{path}:rules[1].jobs: pattern 'x*': 'x*' is matched literally, as Hydra does "
-            "('*' is a wildcard only as a whole part)",
+            f"{path}:rules[1].jobs: warning: pattern 'x*': 'x*' is matched literally, as Hydra "
+            "does ('*' is a wildcard only as a whole part)",
         )
         assert config.rules[0].jobs[1] == JobPattern("proj", "release-*", "*")
 
