@@ -46,6 +46,7 @@ def test_every_subcommand_has_help() -> None:
         "status",
         "retry",
         "check-config",
+        "init",
         "demo",
     ):
         done = run(command, "--help")
