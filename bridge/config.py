@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -182,6 +185,26 @@ def default_config(state_dir: Path | None = None) -> Config:
     )
 
 
+# Upper bounds that keep every setting usable downstream (thread counts, timers, buffers):
+# beyond them a value is a mistake, not a wish.
+MAX_SECONDS = 365 * 86400.0
+MAX_INTEGER = 2**31 - 1
+MAX_WORKERS = 1024
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key_part(name: str) -> str:
+    """A TOML key as it is written in a file: bare when it can be, else quoted and escaped."""
+    if _BARE_KEY.fullmatch(name):
+        return name
+    escaped = "".join(
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else "\\" + c if c in '"\\' else c
+        for c in name
+    )
+    return f'"{escaped}"'
+
+
 class _Reader:
     """Typed access to one TOML table that records problems instead of raising."""
 
@@ -190,7 +213,7 @@ class _Reader:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
+        return f"{self.prefix}{key_part(name)}"
 
     def error(self, name: str, message: str) -> None:
         self.problems.append(f"{self.file}:{self.key(name)}: {message}")
@@ -206,12 +229,30 @@ class _Reader:
             names = " or ".join(_type_name(k) for k in kinds)
             self.error(name, f"must be {names}, got {_type_name(type(value))}")
             return default
+        if isinstance(value, str) and "\0" in value:
+            self.error(name, "must not contain a NUL character")
+            return default
         return value
 
-    def number(self, name: str, default: float, minimum: float, integer: bool = False) -> Any:
+    def number(
+        self,
+        name: str,
+        default: float,
+        minimum: float,
+        integer: bool = False,
+        maximum: float | None = None,
+    ) -> Any:
         value = self.get(name, int if integer else (int, float), default)
+        if maximum is None:
+            maximum = MAX_INTEGER if integer else MAX_SECONDS
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(name, "must be a finite number")
+            return default
         if value < minimum:
             self.error(name, f"must be at least {minimum:g}")
+            return default
+        if value > maximum:
+            self.error(name, f"must be at most {maximum:g}")
             return default
         return value if integer else float(value)
 
@@ -221,6 +262,9 @@ class _Reader:
             return default
         if not all(isinstance(v, str) for v in value):
             self.error(name, "must be a list of strings")
+            return default
+        if any("\0" in v for v in value):
+            self.error(name, "must not contain a NUL character")
             return default
         return tuple(value)
 
@@ -254,6 +298,9 @@ def _type_name(kind: type) -> str:
         bool: "a boolean",
         list: "a list",
         dict: "a table",
+        datetime.datetime: "a date-time",
+        datetime.date: "a date",
+        datetime.time: "a time",
     }.get(kind, kind.__name__)
 
 
@@ -287,9 +334,12 @@ def _unsigned_store_message(uri: str) -> str:
 
 def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> CacheConfig | None:
     if not isinstance(table, dict):
-        problems.append(f"{file}:caches.{name}: must be a table")
+        problems.append(f"{file}:caches.{key_part(name)}: must be a table")
         return None
-    r = _Reader(file, table, f"caches.{name}.", problems)
+    if not name or "\0" in name:
+        problems.append(f"{file}:caches.{key_part(name)}: a cache name must be non-empty text")
+        return None
+    r = _Reader(file, table, f"caches.{key_part(name)}.", problems)
     backend = r.get("backend", str, None)
     if backend is None:
         r.error("backend", f"is required (one of {', '.join(BACKENDS)})")
@@ -322,6 +372,8 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
             r.error("uri", "secret-key=: " + _unsigned_store_message(cache.uri))
     if cache.max_parallel is not None and cache.max_parallel < 1:
         r.error("max_parallel", "must be at least 1")
+    if cache.max_parallel is not None and cache.max_parallel > MAX_WORKERS:
+        r.error("max_parallel", f"must be at most {MAX_WORKERS}")
     r.finish()
     return cache
 
@@ -393,12 +445,12 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     if log_level not in LOG_LEVELS:
         top.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         log_level = "info"
-    retention = top.number("retention_days", 14.0, 0.0)
+    retention = top.number("retention_days", 14.0, 0.0, maximum=36500)
 
     p = _Reader(file, top.table_of("push"), "push.", problems)
     d = PushSettings()
     push = PushSettings(
-        workers=p.number("workers", d.workers, 1, integer=True),
+        workers=p.number("workers", d.workers, 1, integer=True, maximum=MAX_WORKERS),
         batch_size=p.number("batch_size", d.batch_size, 1, integer=True),
         timeout_seconds=p.number("timeout_seconds", d.timeout_seconds, 1),
         max_attempts=p.number("max_attempts", d.max_attempts, 1, integer=True),
@@ -413,7 +465,9 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     s = _Reader(file, top.table_of("spool"), "spool.", problems)
     ds = SpoolSettings()
     spool = SpoolSettings(
-        max_event_bytes=s.number("max_event_bytes", ds.max_event_bytes, 256, integer=True),
+        max_event_bytes=s.number(
+            "max_event_bytes", ds.max_event_bytes, 256, integer=True, maximum=MAX_EVENT_BYTES
+        ),
         rescan_seconds=s.number("rescan_seconds", ds.rescan_seconds, 0.1),
         group_writable=s.get("group_writable", bool, ds.group_writable),
     )
@@ -421,9 +475,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
 
     m = _Reader(file, top.table_of("metrics"), "metrics.", problems)
     dm = MetricsSettings()
-    port = m.number("port", dm.port, 0, integer=True)
-    if port > 65535:
-        m.error("port", "must be at most 65535")
+    port = m.number("port", dm.port, 0, integer=True, maximum=65535)
     metrics = MetricsSettings(
         enabled=m.get("enabled", bool, dm.enabled),
         listen_address=m.get("listen_address", str, dm.listen_address),
@@ -495,12 +547,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return default_config()
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            data = tomllib.load(handle)
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise ConfigError([f"{file}: file not found"]) from None
     except OSError as exc:
-        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
     return parse_config(data, str(file), base=file.parent.absolute())
