@@ -154,7 +154,48 @@ def hook_script(config_path: Path | None, tools_path: str | None) -> None:
     from bridge.spool import SpoolLayout
 
     config = _load(config_path)
-    click.echo(render_hook_script(SpoolLayout(config.spool_dir), tools_path), nl=False)
+    layout = SpoolLayout(config.spool_dir)
+    if not layout.is_alive():
+        click.echo(
+            f"hydra-cachix-bridge: warning: the spool {layout.root} does not exist yet: until "
+            "`hydra-cachix-bridge init` (or the daemon's first start) creates it, this hook "
+            "drops every build (saying so in the build log)",
+            err=True,
+        )
+    click.echo(render_hook_script(layout, tools_path), nl=False)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--user",
+    default=None,
+    metavar="USER",
+    help="Owner of the directories: the user the daemon runs as (default: this user).",
+)
+@click.option(
+    "--group",
+    default=None,
+    metavar="GROUP",
+    help="Group shared with the producers (Hydra's RunCommand user, the hook's root); "
+    "needs [spool] group_writable = true (default: the owner's primary group).",
+)
+def init(config_path: Path | None, user: str | None, group: str | None) -> None:
+    """Create the state and spool directories with the owner, group and modes the producers
+    need, before the daemon's first start; safe to run again (repairs what differs)."""
+    from bridge.init import InitError, init_directories, resolve_owner
+
+    config = _load(config_path)
+    try:
+        owner = resolve_owner(config, user, group)
+    except InitError as exc:
+        _fail(str(exc), 2)
+    try:
+        lines = init_directories(config, owner)
+    except InitError as exc:
+        _fail(str(exc))
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()
@@ -248,11 +289,30 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
 
 @main.command("check-config")
 @config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the config and print the effective settings (secrets are never shown)."""
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check the file alone (syntax, types, rules), not this host: for build-time checks "
+    "where secrets, executables and directories are not there yet.",
+)
+def check_config(config_path: Path | None, offline: bool) -> None:
+    """Check the config, and unless --offline that it can work on this host; print it.
+
+    Exits 1 with `FILE:KEY: message` lines when the file is invalid or, on this host, a
+    secret file cannot be read, the backend's executable is missing, or a directory the
+    daemon writes cannot be written or created. Warnings go to stderr without failing.
+    """
+    from bridge.preflight import check_host
     from bridge.render import render_config
 
     config = _load(config_path)
+    for warning in config.warnings:
+        click.echo(warning, err=True)
+    problems = [] if offline else check_host(config)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
     click.echo(render_config(config), nl=False)
 
 
