@@ -18,7 +18,9 @@ cache=${NIX226_CACHE:-/var/cache/hydra-cachix-bridge}
 [ "$(id -u)" = 0 ] || { echo "nix226: run as root (debootstrap, chroot, mount)" >&2; exit 2; }
 
 # The image depends on this script and the test dependencies: a change to either builds anew.
-key=$(cat scripts/nix226.sh pyproject.toml | sha256sum | cut -c1-12)
+deps=$(python3 -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(json.dumps([p["dependencies"], p.get("optional-dependencies")]))')
+key=$( (cat scripts/nix226.sh; echo "$deps") | sha256sum | cut -c1-12)
 image=$cache/trixie-nix-$key.tgz
 root=$(mktemp -d /var/tmp/hcb-nix226.XXXXXX)
 chmod 755 "$root"  # apt in the chroot drops to user _apt

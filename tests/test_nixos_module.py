@@ -59,6 +59,10 @@ def evaluate(
     args += ["--argstr", "only", only]
     args += ["--arg", "catch", "true" if catch else "false"]
     args += ["--arg", "withPackage", "true" if with_package else "false"]
+    if with_package:
+        # package.nix's source is a lib.fileset copy into the store, which `--eval` alone
+        # (read-only since Nix 2.x) computes but never writes; the check reads that copy.
+        args.append("--read-write-mode")
     return subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
 
 
