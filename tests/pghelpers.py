@@ -7,6 +7,7 @@ created by contrib/hydra-db/hydra-cachix-bridge-role.sql, so the grants are test
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -82,8 +83,11 @@ class PostgresServer:
     def _pg_ctl(self, *args: str) -> None:
         options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
         self._as_user(
-            [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w"]
-            + list(args)
+            [
+                str(PG_BIN / "pg_ctl"),
+                *("-D", str(self.data), "-l", str(self.log), "-o", options, "-w"),
+                *args,
+            ]
         )
 
     def start(self) -> None:
@@ -118,10 +122,8 @@ class PostgresServer:
 
     def destroy(self) -> None:
         """Stop the server and remove its directory."""
-        try:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -132,7 +132,7 @@ def test_parse_notification_follows_hydra_payloads() -> None:
     assert parse_notification("123") == [123]
     assert parse_notification("123\t456\t789") == [123, 456, 789]
     assert parse_notification("123\t456\t123") == [123, 456]
-    for bad in ("", "abc", "123\tabc", "12 3", "-1", "１２"):
+    for bad in ("", "abc", "123\tabc", "12 3", "-1", "\uff11\uff12"):
         with pytest.raises(ValueError):
             parse_notification(bad)
     # Chunks repeat the head id and stay under Hydra's 7000-byte limit.
