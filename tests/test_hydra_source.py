@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pghelpers import HydraDatabase, hydra_db, notification_payloads, postgres_server
 from prometheus_client import CollectorRegistry
 
 from bridge import hydrasource
@@ -22,6 +21,7 @@ from bridge.hydrastate import HydraState
 from bridge.matching import IGNORE_REASONS
 from bridge.queue import Queue
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
+from tests.pghelpers import HydraDatabase, hydra_db, notification_payloads, postgres_server
 
 __all__ = ["hydra_db", "postgres_server"]  # fixtures
 
