@@ -339,7 +339,7 @@ def _parse_hydra_db(file: str, top: _Reader, problems: list[str]) -> HydraDbSett
     d = HydraDbSettings(dsn="")
     dsn = h.get("dsn", str, "")
     if not dsn.strip():
-        h.error("dsn", "is required: a libpq connection string, e.g. \"dbname=hydra\"")
+        h.error("dsn", 'is required: a libpq connection string, e.g. "dbname=hydra"')
     elif any(ord(c) < 32 for c in dsn):
         h.error("dsn", "must not contain control characters")
     settings = HydraDbSettings(
@@ -348,9 +348,7 @@ def _parse_hydra_db(file: str, top: _Reader, problems: list[str]) -> HydraDbSett
         password_file=h.path("password_file"),
         overlap_seconds=h.number("overlap_seconds", d.overlap_seconds, 0),
         poll_seconds=h.number("poll_seconds", d.poll_seconds, 1),
-        connect_timeout_seconds=h.number(
-            "connect_timeout_seconds", d.connect_timeout_seconds, 1
-        ),
+        connect_timeout_seconds=h.number("connect_timeout_seconds", d.connect_timeout_seconds, 1),
     )
     h.finish()
     return settings
