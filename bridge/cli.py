@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,11 @@ import click
 from bridge import __version__
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from bridge.config import Config
+    from bridge.hydrastate import SourceStatus
+    from exporter.metrics import BridgeMetrics
 
 CONFIG_HELP = "TOML config file (default: $HYDRA_CACHIX_BRIDGE_CONFIG, else embedded defaults)."
 config_option = click.option(
@@ -214,7 +219,7 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     import time
 
     from bridge.queue import Queue, QueueError
-    from bridge.render import render_status, status_document
+    from bridge.render import hydra_db_document, render_hydra_db, render_status, status_document
 
     config = _load(config_path)
     now = time.time()
@@ -237,10 +242,32 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
             for name in config.caches
         ]
     running = _daemon_running(config)
+    source = _hydra_db_status(config) if config.hydra_db is not None else None
     if as_json:
-        click.echo(json.dumps(status_document(statuses, dead, now, running), indent=2))
+        document = status_document(statuses, dead, now, running)
+        if config.hydra_db is not None:
+            document["hydra_db"] = hydra_db_document(source, now)
+        click.echo(json.dumps(document, indent=2))
     else:
         click.echo(render_status(statuses, dead, now, running), nl=False)
+        if config.hydra_db is not None:
+            click.echo("\n" + render_hydra_db(source, now, running), nl=False)
+
+
+def _hydra_db_status(config: Config) -> SourceStatus | None:
+    from bridge.hydrastate import HydraState
+    from bridge.queue import Queue, QueueError
+
+    if not config.database_path.exists():
+        return None
+    try:
+        queue = Queue(config.database_path, create=False)
+    except QueueError:
+        return None
+    try:
+        return HydraState(queue.conn).status()
+    finally:
+        queue.close()
 
 
 def _daemon_running(config: Config) -> bool:
@@ -285,6 +312,118 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
     click.echo(f"{count} dead-lettered path(s) queued again")
     if ids and count < len(ids):
         _fail(f"{len(ids) - count} of the IDs given are not dead letters")
+
+
+@main.command()
+@config_option
+@click.option(
+    "--jobset",
+    "jobset_name",
+    required=True,
+    metavar="PROJECT:JOBSET",
+    help="The Hydra jobset whose finished builds are recorded.",
+)
+@click.option("--eval", "eval_id", type=int, default=None, help="Only this evaluation's builds.")
+@click.option("--latest", is_flag=True, help="Only the builds of the jobset's latest evaluation.")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    default=None,
+    help="Only builds that finished at or after this local date/time.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Only print how many builds and paths each cache would get."
+)
+def backfill(
+    config_path: Path | None,
+    jobset_name: str,
+    eval_id: int | None,
+    latest: bool,
+    since: datetime.datetime | None,
+    dry_run: bool,
+) -> None:
+    """Record the finished builds of a Hydra jobset from its database (source `backfill`).
+
+    Needs [hydra_db] in the config. Safe to interrupt and run again: builds already
+    recorded by backfill are skipped, and paths already queued or pushed are not queued
+    twice. The running daemon pushes what is recorded.
+    """
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from bridge.daemon import DaemonError, require_hydra_db_driver
+
+    project, _, jobset = jobset_name.partition(":")
+    if not project or not jobset or ":" in jobset:
+        _fail(f"--jobset must be PROJECT:JOBSET, got {jobset_name!r}", 2)
+    if eval_id is not None and latest:
+        _fail("give --eval ID or --latest, not both", 2)
+    if eval_id is None and not latest and since is None:
+        _fail("give --eval ID, --latest or --since DATE (or several: they narrow down)", 2)
+    config = _load(config_path)
+    if config.hydra_db is None:
+        _fail("backfill reads Hydra's database: add a [hydra_db] table with its dsn to the config")
+    try:
+        require_hydra_db_driver()
+    except DaemonError as exc:
+        _fail(str(exc))
+
+    import psycopg
+
+    from bridge.backfill import Backfill, BackfillError, Selection
+    from bridge.clock import SystemClock
+    from bridge.hydradb import HydraReader, connect
+    from bridge.queue import Queue, QueueError
+    from bridge.render import render_backfill
+    from bridge.secrets import SecretError
+
+    selection = Selection(
+        project, jobset, eval_id, latest, None if since is None else int(since.timestamp())
+    )
+    try:
+        conn = connect(config.hydra_db)
+    except (psycopg.Error, SecretError) as exc:
+        _fail(f"cannot connect to Hydra's database: {exc}")
+    try:
+        queue = Queue(config.database_path)
+    except QueueError as exc:
+        conn.close()
+        _fail(str(exc))
+    try:
+        job = Backfill(
+            config, HydraReader(conn), queue, _offline_metrics(CollectorRegistry()), SystemClock()
+        )
+        total = job.count(selection)
+        label = "counting" if dry_run else "recording"
+        with click.progressbar(length=total, label=f"{label} {total} build(s)") as bar:
+            report = job.run(selection, dry_run=dry_run, progress=bar.update)
+    except BackfillError as exc:
+        _fail(str(exc))
+    except psycopg.Error as exc:
+        _fail(f"reading Hydra's database failed: {exc}")
+    finally:
+        queue.close()
+        conn.close()
+    click.echo(render_backfill(report, selection, dry_run, time.time()), nl=False)
+
+
+def _offline_metrics(registry: CollectorRegistry) -> BridgeMetrics:
+    from bridge import __version__
+    from bridge.events import REJECT_REASONS, SOURCES
+    from bridge.matching import IGNORE_REASONS
+    from exporter.metrics import BridgeMetrics
+
+    return BridgeMetrics(
+        registry,
+        version=__version__,
+        caches={},
+        sources=SOURCES,
+        reject_reasons=REJECT_REASONS,
+        ignore_reasons=IGNORE_REASONS,
+        failure_reasons=(),
+        skip_reasons=(),
+    )
 
 
 @main.command("check-config")

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bridge.events import SOURCES
+from bridge.events import HYDRA_SOURCES, SOURCES
 
 CONFIG_ENV = "HYDRA_CACHIX_BRIDGE_CONFIG"
 BACKENDS = ("cachix", "nix-copy")
@@ -143,6 +143,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class HydraDbSettings:
+    """Hydra's PostgreSQL as a source: where it is and how far back catch-up looks."""
+
+    dsn: str
+    password_file: Path | None = None
+    overlap_seconds: float = 3600.0
+    poll_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -160,6 +171,7 @@ class Config:
     source_file: Path | None = None
     # `FILE:KEY: message` lines about settings that work but may not mean what was meant.
     warnings: tuple[str, ...] = ()
+    hydra_db: HydraDbSettings | None = None
 
     @property
     def database_path(self) -> Path:
@@ -414,8 +426,12 @@ def _parse_rule(
     for source in sources:
         if source not in SOURCES:
             r.error("sources", f"unknown source {source!r} (one of {', '.join(SOURCES)})")
-    if patterns and "hydra" not in sources:
-        r.error("jobs", "job patterns only match Hydra events, but sources excludes 'hydra'")
+    if patterns and not set(sources) & set(HYDRA_SOURCES):
+        r.error(
+            "jobs",
+            "job patterns only match Hydra events, but sources has none of "
+            + ", ".join(HYDRA_SOURCES),
+        )
     statuses = r.get("build_statuses", list, [0])
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 99 for s in statuses):
         r.error("build_statuses", "must be a list of Hydra build status integers")
@@ -429,6 +445,29 @@ def _parse_rule(
     )
     r.finish()
     return rule
+
+
+def _parse_hydra_db(file: str, top: _Reader, problems: list[str]) -> HydraDbSettings | None:
+    if "hydra_db" not in top.table:
+        top.seen.add("hydra_db")
+        return None
+    h = _Reader(file, top.table_of("hydra_db"), "hydra_db.", problems)
+    d = HydraDbSettings(dsn="")
+    dsn = h.get("dsn", str, "")
+    if not dsn.strip():
+        h.error("dsn", 'is required: a libpq connection string, e.g. "dbname=hydra"')
+    elif any(ord(c) < 32 for c in dsn):
+        h.error("dsn", "must not contain control characters")
+    settings = HydraDbSettings(
+        dsn=dsn,
+        # Like auth_token_file: a relative name is a systemd credential (LoadCredential=).
+        password_file=h.path("password_file"),
+        overlap_seconds=h.number("overlap_seconds", d.overlap_seconds, 0),
+        poll_seconds=h.number("poll_seconds", d.poll_seconds, 1),
+        connect_timeout_seconds=h.number("connect_timeout_seconds", d.connect_timeout_seconds, 1),
+    )
+    h.finish()
+    return settings
 
 
 def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> Config:
@@ -519,6 +558,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
             log_sources.append(LogSource((base / path).absolute(), resolve))
         lr.finish()
     log_poll = top.number("log_poll_seconds", 1.0, 0.05)
+    hydra_db = _parse_hydra_db(file, top, problems)
     top.finish()
     if problems:
         raise ConfigError(problems)
@@ -536,6 +576,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         log_level=log_level,
         source_file=Path(file) if file != "<defaults>" else None,
         warnings=tuple(warnings),
+        hydra_db=hydra_db,
     )
 
 
