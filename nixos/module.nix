@@ -122,6 +122,7 @@ in
     ./integrations/post-build-hook.nix
     ./integrations/prometheus.nix
     ./integrations/grafana.nix
+    ./integrations/hydra-database.nix
   ];
 
   options.services.hydra-cachix-bridge = {

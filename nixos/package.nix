@@ -28,6 +28,8 @@ python3Packages.buildPythonApplication {
     click
     prometheus-client
     watchdog
+    # The hydra-db extra: Hydra's PostgreSQL as a source ([hydra_db]).
+    psycopg
   ];
 
   # The test suite needs a writable Nix store and runs nix-build; run it with

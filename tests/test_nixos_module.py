@@ -373,6 +373,35 @@ def check_vm_test_machine(r: Result) -> None:
     compile(script, "vm-test-script", "exec")
 
 
+def check_hydra_database(r: Result) -> None:
+    """hydraDatabase.enable: a peer-authenticated role, read-only grants, the dsn."""
+    assert r["postgresqlUsers"] == [{"name": "hydra-cachix-bridge"}]
+    assert r["settings"]["hydra_db"] == {
+        "dsn": "dbname=hydra host=/run/postgresql user=hydra-cachix-bridge"
+    }
+    grants = r["grantsUnit"]
+    assert grants["User"] == "postgres"
+    assert "hydra-init.service" in grants["after"]
+    assert grants["before"] == ["hydra-cachix-bridge.service"]
+    sql = grants["sql"]
+    assert (
+        "GRANT SELECT ON builds, jobsets, buildoutputs, jobsetevals, jobsetevalmembers"
+        ' TO "hydra-cachix-bridge"' in sql
+    )
+    assert "default_transaction_read_only = on" in sql
+    # Nothing else is granted: no write privilege on Hydra's database.
+    assert not re.search(r"\b(INSERT|UPDATE|DELETE|TRUNCATE|ALL)\b", sql)
+    assert "hydra-cachix-bridge-hydra-grants.service" in r["unit"]["after"]
+    assert "hydra-cachix-bridge-hydra-grants.service" in r["unit"]["wants"]
+
+
+def check_hydra_database_remote_dsn(r: Result) -> None:
+    """A dsn set by hand needs no local PostgreSQL, and nothing is created for it."""
+    assert r["settings"]["hydra_db"]["dsn"] == "host=db.example.org dbname=hydra user=bridge"
+    assert r["postgresqlUsers"] == []
+    assert r["grantsUnit"] is None
+
+
 HYDRA_MISSING = "services.hydra is not\nenabled"
 CHECKS: dict[str, Callable[[Result], None]] = {
     "minimal": check_minimal,
@@ -414,6 +443,9 @@ CHECKS: dict[str, Callable[[Result], None]] = {
     "fractional-grace": check_fractional_grace,
     "extra-read-write-paths": check_extra_read_write_paths,
     "vm-test-machine": check_vm_test_machine,
+    "hydra-database": check_hydra_database,
+    "hydra-database-remote-dsn": check_hydra_database_remote_dsn,
+    "hydra-database-without-postgresql": expect_assertion("needs Hydra's PostgreSQL"),
 }
 
 

@@ -203,4 +203,14 @@ in
   extra-read-write-paths = with' { } ++ [
     { systemd.services.hydra-cachix-bridge.serviceConfig.ReadWritePaths = [ "/extra" ]; }
   ];
+
+  hydra-database = (with' { hydraDatabase.enable = true; }) ++ [
+    { services.postgresql.enable = true; }
+  ];
+
+  hydra-database-remote-dsn = with' {
+    settings.hydra_db.dsn = "host=db.example.org dbname=hydra user=bridge";
+  };
+
+  hydra-database-without-postgresql = with' { hydraDatabase.enable = true; };
 }

@@ -109,6 +109,19 @@ let
       };
       scrapeTarget = b.prometheus.scrapeTarget;
       grafanaProviders = c.services.grafana.provision.dashboards.settings.providers;
+      postgresqlUsers = c.services.postgresql.ensureUsers;
+      grantsUnit =
+        let
+          grants = c.systemd.services.hydra-cachix-bridge-hydra-grants or null;
+        in
+        if grants == null then
+          null
+        else
+          {
+            inherit (grants) after before requires;
+            inherit (grants.serviceConfig) User ExecStart;
+            sql = b.hydraDatabase.grantsSql;
+          };
       systemPackages = map nameOf c.environment.systemPackages;
       vmTestScript = vmTest.testScript { nodes.machine = c; };
     };

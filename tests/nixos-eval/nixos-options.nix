@@ -34,6 +34,7 @@ let
       wantedBy = opt (types.listOf types.str) [ ];
       wants = opt (types.listOf types.str) [ ];
       after = opt (types.listOf types.str) [ ];
+      before = opt (types.listOf types.str) [ ];
       requires = opt (types.listOf types.str) [ ];
       path = opt (types.listOf (types.either types.package types.str)) [ ];
       environment = opt (types.attrsOf (types.nullOr types.str)) { };
@@ -84,6 +85,9 @@ in
     services.prometheus.ruleFiles = opt (types.listOf types.str) [ ];
     services.prometheus.scrapeConfigs = opt (types.listOf types.anything) [ ];
     services.grafana.provision.dashboards.settings.providers = opt (types.listOf types.anything) [ ];
+    services.postgresql.enable = opt types.bool false;
+    services.postgresql.package = opt types.package pkgs.postgresql;
+    services.postgresql.ensureUsers = opt (types.listOf types.anything) [ ];
   };
 
   # From nixpkgs' nixos/modules/config/users-groups.nix.

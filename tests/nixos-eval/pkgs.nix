@@ -103,12 +103,14 @@ let
     gnused = package "gnused";
     curl = package "curl";
     remarshal = package "remarshal";
+    postgresql = package "postgresql";
     hydra-cachix-bridge = package "hydra-cachix-bridge";
     python3Packages = {
       setuptools = pythonPackage "setuptools";
       click = pythonPackage "click";
       prometheus-client = pythonPackage "prometheus-client";
       watchdog = pythonPackage "watchdog";
+      psycopg = pythonPackage "psycopg";
       buildPythonApplication =
         attrs:
         mkDerivation {

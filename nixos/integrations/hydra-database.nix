@@ -5,7 +5,7 @@
 # creates a login role for the daemon's user with services.postgresql.ensureUsers (peer
 # authentication on the local socket: no password), grants it SELECT on the five tables
 # the bridge reads once Hydra's schema exists (hydra-init.service), and sets
-# settings.hydra_db.dsn. Imported by module.nix; reads services.hydra-cachix-bridge.{enable,
+# settings.hydra_db.dsn. Imported by ../module.nix; reads services.hydra-cachix-bridge.{enable,
 # user, settings} from it.
 {
   config,
@@ -27,18 +27,13 @@ let
   role = dbCfg.role;
   psql = "${config.services.postgresql.package}/bin/psql";
 
-  # The same statements as contrib/hydra-db/hydra-cachix-bridge-role.sql, for this role
-  # and database. Idempotent: runs at every start of the grants unit.
-  grantsSql = builtins.toFile "hydra-cachix-bridge-hydra-grants.sql" ''
-    GRANT CONNECT ON DATABASE "${dbCfg.database}" TO "${role}";
-    GRANT USAGE ON SCHEMA public TO "${role}";
-    GRANT SELECT ON builds, jobsets, buildoutputs, jobsetevals, jobsetevalmembers TO "${role}";
-    ALTER ROLE "${role}" SET default_transaction_read_only = on;
-  '';
-  # Quoted identifiers in the SQL above: keep names to characters that need no escaping.
+  grantsSql = builtins.toFile "hydra-cachix-bridge-hydra-grants.sql" dbCfg.grantsSql;
+  # Quoted identifiers in grantsSql: keep names to characters that need no escaping.
   safeName = name: builtins.match "[A-Za-z0-9_.-]+" name != null;
 in
 {
+  _file = ./hydra-database.nix;
+
   options.services.hydra-cachix-bridge.hydraDatabase = {
     enable = mkEnableOption ''
       Hydra's PostgreSQL (on this host) as a source: the daemon LISTENs for build_finished
@@ -59,6 +54,21 @@ in
         PostgreSQL role the daemon logs in as. With peer authentication (the NixOS default
         on the local socket) it must equal the daemon's system user.
       '';
+    };
+
+    grantsSql = mkOption {
+      type = types.lines;
+      internal = true;
+      readOnly = true;
+      # The same statements as contrib/hydra-db/hydra-cachix-bridge-role.sql, for this role
+      # and database. Idempotent: runs at every start of the grants unit.
+      default = ''
+        GRANT CONNECT ON DATABASE "${dbCfg.database}" TO "${role}";
+        GRANT USAGE ON SCHEMA public TO "${role}";
+        GRANT SELECT ON builds, jobsets, buildoutputs, jobsetevals, jobsetevalmembers TO "${role}";
+        ALTER ROLE "${role}" SET default_transaction_read_only = on;
+      '';
+      description = "The SQL the grants unit runs as postgres (read-only; for tests and review).";
     };
 
     socketDirectory = mkOption {
