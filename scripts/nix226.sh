@@ -7,10 +7,11 @@
 #
 # Users run Nix 2.18 and newer; the host's Debian 12 has 2.8.0, which differs exactly where
 # the bridge depends on Nix (OUT_PATHS, `nix path-info --json`). The chroot (debootstrap
-# minbase, nix-bin, python3, the two-line nix.conf, a venv with the test dependencies) is
-# built once and cached as a tarball outside the checkout, in $NIX226_CACHE (default
-# /var/cache/hydra-cachix-bridge): the first run takes about two minutes, later runs unpack
-# it in seconds. Each run gets a fresh copy, so the chroot's Nix store starts empty. Root only.
+# minbase, nix-bin, python3, systemd-analyze, the two-line nix.conf, a venv with the test
+# dependencies) is built once and cached as a tarball outside the checkout, in
+# $NIX226_CACHE (default /var/cache/hydra-cachix-bridge): the first run takes two to three
+# minutes, later runs unpack it in 10-20 s. Each run gets a fresh copy, so the chroot's Nix
+# store starts empty. Root only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 project=$PWD
@@ -80,7 +81,7 @@ build_image() {
   cp /etc/resolv.conf "$root/etc/" 2>/dev/null || true
   mount_all
   in_root /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends nix-bin python3 python3-venv ca-certificates >/dev/null'
+    --no-install-recommends nix-bin python3 python3-venv ca-certificates systemd >/dev/null'
   # nix-bin without recommends has no nix.conf; Nix's default build group does not exist.
   mkdir -p "$root/etc/nix"
   printf 'build-users-group =\nsandbox = false\n' > "$root/etc/nix/nix.conf"
