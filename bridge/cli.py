@@ -172,8 +172,10 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     import json
     import time
 
+    from bridge.quarantine import summarize
     from bridge.queue import Queue, QueueError
     from bridge.render import render_status, status_document
+    from bridge.spool import SpoolLayout
 
     config = _load(config_path)
     now = time.time()
@@ -196,10 +198,12 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
             for name in config.caches
         ]
     running = _daemon_running(config)
+    rejected = summarize(SpoolLayout(config.spool_dir))
     if as_json:
-        click.echo(json.dumps(status_document(statuses, dead, now, running), indent=2))
+        document = status_document(statuses, dead, now, running, quarantine=rejected)
+        click.echo(json.dumps(document, indent=2))
     else:
-        click.echo(render_status(statuses, dead, now, running), nl=False)
+        click.echo(render_status(statuses, dead, now, running, quarantine=rejected), nl=False)
 
 
 def _daemon_running(config: Config) -> bool:

@@ -185,6 +185,10 @@ class Daemon:
                 stats.recorded,
                 stats.quarantined,
             )
+            try:
+                self.ingestor.check_quarantine()
+            except Exception as exc:
+                log.error("cannot check quarantine/ for rejected events yet: %s", exc)
         self.workers.start()
         self._spawn(self._ingest_loop, "ingest")
         if config.log_sources:
@@ -297,6 +301,7 @@ class Daemon:
                 deferred += ingestor.ingest(created).deferred
                 if self.clock.monotonic() >= next_rescan:
                     deferred += ingestor.ingest(ingestor.scan()).deferred
+                    ingestor.check_quarantine()
                     next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
                 if deferred:
                     next_rescan = min(

@@ -16,6 +16,7 @@ from bridge.clock import Clock
 from bridge.config import Config
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.matching import match_event
+from bridge.quarantine import RejectionCounter
 from bridge.queue import Queue
 from bridge.spool import SpoolLayout, is_candidate, quarantine, read_event_file
 from bridge.store import NixStore, StoreQueryError
@@ -69,6 +70,12 @@ class Ingestor:
         self.metrics = metrics
         self.clock = clock
         self.on_enqueued = on_enqueued
+        self.rejections = RejectionCounter(
+            self.layout,
+            queue,
+            lambda reason: metrics.events_rejected.labels(reason).inc(),
+            clock.time,
+        )
 
     def scan(self) -> list[Path]:
         """Every candidate file currently in incoming/, oldest name first."""
@@ -78,6 +85,10 @@ class Ingestor:
         except FileNotFoundError:
             return []
         return [self.layout.incoming / name for name in names]
+
+    def check_quarantine(self) -> int:
+        """Count rejected files that producers put into quarantine/ since the last check."""
+        return self.rejections.check()
 
     def ingest(self, paths: Iterable[Path], *, writer_closed: bool = False) -> IngestStats:
         """Process files; those left unparsed and still settling are counted as deferred."""
@@ -236,7 +247,8 @@ class Ingestor:
             )
             return
         stats.quarantined += 1
-        self.metrics.events_rejected.labels(reason).inc()
+        if self.rejections.claim(target, reason):
+            self.metrics.events_rejected.labels(reason).inc()
         log.warning(
             "quarantined %s as %s: %s (%s)",
             printable(path.name),
