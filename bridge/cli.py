@@ -245,9 +245,38 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
         count = queue.retry_dead(None if retry_all else list(ids), time.time())
     finally:
         queue.close()
+    _log_retry(config, count, "all" if retry_all else ", ".join(f"#{i}" for i in ids))
     click.echo(f"{count} dead-lettered path(s) queued again")
     if ids and count < len(ids):
         _fail(f"{len(ids) - count} of the IDs given are not dead letters")
+
+
+def _log_retry(config: Config, count: int, which: str) -> None:
+    """One line in the journal (syslog) as well, so the daemon's story shows the retry."""
+    import logging
+    import logging.handlers
+
+    logger = logging.getLogger("bridge.retry")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        handler.ident = "hydra-cachix-bridge: "
+        logger.addHandler(handler)
+        try:
+            logger.info(
+                "retry (%s) by uid %d: %d dead-lettered path(s) queued again in %s",
+                which,
+                os.getuid(),
+                count,
+                config.database_path,
+            )
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 @main.command("check-config")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bridge.clock import Clock
 from bridge.config import Config
+from bridge.describe import describe_queued
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.matching import match_event
 from bridge.quarantine import RejectionCounter
@@ -211,12 +212,11 @@ class Ingestor:
                 stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
                 any_enqueued = True
             log.info(
-                "event %s from %s: %s, %d path(s) queued%s",
+                "event %s from %s%s: %s",
                 printable(item.path.name),
                 item.event.source,
-                item.outcome,
-                sum(enqueued.values()),
                 _describe_origin(item.event),
+                describe_queued(enqueued, item.outcome, len(item.event.out_paths)),
             )
         if any_enqueued:
             self.on_enqueued()
