@@ -84,6 +84,7 @@ class Daemon:
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
+            log_sources=[str(source.path) for source in config.log_sources],
         )
         self.stopping = threading.Event()
         self.notifications: queue_module.SimpleQueue[Notification | None] = (
@@ -330,8 +331,9 @@ class Daemon:
                         self.workers.wake()
                 except Exception:
                     log.exception("log follower pass failed; retrying")
-                for index, readable in enumerate(self.follower.readable()):
-                    self.metrics.log_sources_alive.labels(str(index)).set(int(readable))
+                sources = self.config.log_sources
+                for source, readable in zip(sources, self.follower.readable(), strict=True):
+                    self.metrics.log_sources_alive.labels(str(source.path)).set(int(readable))
                 self.stopping.wait(self.config.log_poll_seconds)
         finally:
             self.follower.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from exporter.metrics import without_created
+
 HealthCheck = Callable[[], list[str]]
 """Returns the list of problems; empty means healthy."""
 
@@ -60,6 +62,7 @@ class MetricsServer:
 def _make_handler(
     registry: CollectorRegistry, health: HealthCheck, version: str
 ) -> type[BaseHTTPRequestHandler]:
+    exposed = without_created(registry)
     landing = (
         "<!doctype html><html><head><title>hydra-cachix-bridge</title></head><body>"
         f"<h1>hydra-cachix-bridge {html.escape(version)}</h1>"
@@ -81,7 +84,7 @@ def _make_handler(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(exposed))
             elif path == "/healthz":
                 problems = health()
                 body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()

@@ -112,3 +112,8 @@ def test_tls(tmp_path: Path, registry: CollectorRegistry) -> None:
             urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/metrics", timeout=5)
     finally:
         srv.stop()
+
+
+def test_metrics_endpoint_serves_no_created_series(server: MetricsServer) -> None:
+    _, _, body = get(f"http://127.0.0.1:{server.port}/metrics")
+    assert "hydra_cachix_bridge_test_total 3.0" in body and "_created" not in body
