@@ -252,31 +252,13 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
 
 
 def _log_retry(config: Config, count: int, which: str) -> None:
-    """One line in the journal (syslog) as well, so the daemon's story shows the retry."""
-    import logging
-    import logging.handlers
+    """One line in the journal too, so the log tells the retry beside the daemon's lines."""
+    from bridge.syslogline import syslog_line
 
-    logger = logging.getLogger("bridge.retry")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    if os.path.exists("/dev/log"):
-        try:
-            handler = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        handler.ident = "hydra-cachix-bridge: "
-        logger.addHandler(handler)
-        try:
-            logger.info(
-                "retry (%s) by uid %d: %d dead-lettered path(s) queued again in %s",
-                which,
-                os.getuid(),
-                count,
-                config.database_path,
-            )
-        finally:
-            logger.removeHandler(handler)
-            handler.close()
+    syslog_line(
+        f"retry ({which}) by uid {os.getuid()}: {count} dead-lettered path(s) queued again"
+        f" in {config.database_path}"
+    )
 
 
 @main.command("check-config")
