@@ -82,12 +82,26 @@ def read_reason(layout: SpoolLayout, name: str) -> QuarantinedFile:
     saved = record.get("quarantined_as")
     return QuarantinedFile(
         reason_file=name,
-        file=original if isinstance(original, str) else stem,
-        quarantined_as=saved if isinstance(saved, str) else stem,
+        file=_text(original if isinstance(original, str) else stem),
+        quarantined_as=_text(saved if isinstance(saved, str) else stem),
         reason=reason,
-        message=message if isinstance(message, str) else problem,
+        message=_text(message if isinstance(message, str) else problem),
         quarantined_at=when,
     )
+
+
+def _text(value: str) -> str:
+    """Valid UTF-8 text: undecodable file name bytes shown as backslash escapes."""
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", errors="backslashreplace")
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def ledger_name(name: str) -> str:
+    """A quarantine file name as stored in the database (undecodable bytes escaped)."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
 def summarize(layout: SpoolLayout, newest: int = 5) -> QuarantineSummary:
@@ -125,7 +139,7 @@ class RejectionCounter:
     def claim(self, target: Path, reason: str) -> bool:
         """Record that the daemon itself counts this just-quarantined file; False if it
         was counted before or cannot be recorded now (the next check counts it then)."""
-        name = reason_path(target).name
+        name = ledger_name(reason_path(target).name)
         try:
             with self.queue.transaction():
                 return self.queue.mark_quarantine_counted(name, reason, self.clock())
@@ -141,13 +155,14 @@ class RejectionCounter:
             log.error("cannot list %s: %s", self.layout.quarantine, exc.strerror)
             return 0
         counted = self.queue.quarantine_counted()
-        new = [name for name in names if name not in counted]
-        gone = counted.difference(names)
+        keys = {name: ledger_name(name) for name in names}
+        new = [name for name in names if keys[name] not in counted]
+        gone = counted.difference(keys.values())
         found = 0
         for name in new:
             entry = read_reason(self.layout, name)
             with self.queue.transaction():
-                fresh = self.queue.mark_quarantine_counted(name, entry.reason, self.clock())
+                fresh = self.queue.mark_quarantine_counted(keys[name], entry.reason, self.clock())
             if not fresh:
                 continue
             found += 1

@@ -105,7 +105,7 @@ def _make_handler(
                 self._send(200, "text/html; charset=utf-8", landing)
                 return
             try:
-                body = page().encode()
+                body = page().encode("utf-8", errors="backslashreplace")
             except Exception as exc:
                 log.exception("rendering the landing page failed")
                 text = f"cannot render the summary: {type(exc).__name__} (see the log)\n"

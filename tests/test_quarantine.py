@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,22 @@ def test_summary_counts_files_and_lists_the_newest_first(layout: SpoolLayout) ->
 def test_summary_of_a_spool_without_quarantine(tmp_path: Path) -> None:
     summary = summarize(SpoolLayout(tmp_path / "none"))
     assert summary.count == 0 and summary.newest == () and summary.error is None
+
+
+def test_undecodable_file_names_are_counted_once_and_shown_escaped(
+    layout: SpoolLayout, tmp_path: Path
+) -> None:
+    counted: list[str] = []
+    raw = os.fsencode(layout.quarantine) + b"/bad-\xff.json.reason"
+    with open(raw, "w") as handle:
+        json.dump({"reason": "invalid_json", "file": os.fsdecode(b"bad-\xff.json")}, handle)
+    queue = Queue(tmp_path / "queue.sqlite")
+    try:
+        counter = RejectionCounter(layout, queue, counted.append, lambda: 1.0)
+        assert counter.check() == 1 and counter.check() == 0
+        assert queue.quarantine_counted() == {"bad-\\xff.json.reason"}
+    finally:
+        queue.close()
+    (entry,) = summarize(layout).newest
+    assert entry.file == "bad-\\xff.json"
+    entry.file.encode("utf-8")  # printable anywhere
