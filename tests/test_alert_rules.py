@@ -295,7 +295,7 @@ def test_opt_in_no_events_alert_fires_and_stays_quiet_in_its_unit_tests() -> Non
     assert {c["alertname"] for c in checks} == {"HydraCachixBridgeNoHydraEvents"}
     assert any(c.get("exp_alerts") for c in checks) and any(not c.get("exp_alerts") for c in checks)
     (rule,) = prometheus_rules(OPT_IN_RULES)
-    assert 'source="hydra"' in rule["expr"] and "[6h]" in rule["expr"]
+    assert 'source=~"hydra|hydra-db"' in rule["expr"] and "[6h]" in rule["expr"]
     # The window is set in one place.
     assert OPT_IN_RULES.read_text(encoding="utf-8").count("[6h]") == 2  # the expr and the sed
 
