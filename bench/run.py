@@ -66,6 +66,9 @@ class Sizes:
     scale_large: int = 100_000
     scale_window: int = 1_000
     scrapes: int = 30
+    hydra_catch_up: int = 100_000
+    hydra_latency_rate: int = 50
+    hydra_latency_seconds: float = 30.0
 
 
 FULL = Sizes()
@@ -83,6 +86,9 @@ SMOKE = Sizes(
     scale_large=2_000,
     scale_window=200,
     scrapes=3,
+    hydra_catch_up=2_000,
+    hydra_latency_rate=20,
+    hydra_latency_seconds=1.0,
 )
 
 
@@ -751,6 +757,54 @@ def machine() -> list[str]:
     ]
 
 
+def hydra_db_catch_up(sizes: Sizes, work: Path) -> Result:
+    """Scenario 8: catch-up of finished builds from Hydra's PostgreSQL into the queue."""
+    from bench.hydra_db import catch_up_rate
+
+    result = Result("8. Hydra database catch-up")
+    seconds, rate, recorded = catch_up_rate(work, sizes.hydra_catch_up, instant_cache())
+    if recorded != sizes.hydra_catch_up:
+        raise RuntimeError(f"catch-up recorded {recorded} of {sizes.hydra_catch_up} builds")
+    result.rows += [
+        Row(f"{sizes.hydra_catch_up} finished builds into the queue", f"{seconds:.1f} s"),
+        Row("rate", f"{rate:,.0f} builds/s", "≥ 5,000 builds/s", rate >= 5000),
+    ]
+    result.notes.append(
+        "PostgreSQL 15 on a Unix socket with Hydra's tables (one output per build); "
+        "`HydraDbSource.catch_up` from a checkpoint before the first build: pages of "
+        "5,000 rows by (stoptime, id), dedup against the builds seen, matching, one SQLite "
+        "transaction per page with the checkpoint."
+    )
+    return result
+
+
+def hydra_db_latency(sizes: Sizes, work: Path) -> Result:
+    """Scenario 9: Hydra's NOTIFY build_finished → push process started."""
+    from bench.hydra_db import notification_latency
+
+    result = Result("9. Hydra database notification latency")
+
+    def start(body: str, env: dict[str, str]) -> contextlib.AbstractContextManager[Daemon]:
+        return running(Daemon(work, body, env))
+
+    latencies = notification_latency(
+        work, sizes.hydra_latency_rate, sizes.hydra_latency_seconds, start, STAMP_BACKEND
+    )
+    p50, p99 = statistics.median(latencies), pct(latencies, 0.99)
+    rate = sizes.hydra_latency_rate
+    result.rows += [
+        Row(f"{len(latencies)} builds at {rate}/s: p50", ms(p50), "≤ 50 ms", p50 <= 0.050),
+        Row("p99", ms(p99), "≤ 250 ms", p99 <= 0.250),
+        Row("max", ms(max(latencies))),
+    ]
+    result.notes.append(
+        "From just before Hydra's `pg_notify('build_finished', id)` (its row already "
+        "committed, as the queue runner does) to the first line of the backend process, "
+        "through the daemon's LISTEN connection, the row read, matching and the queue."
+    )
+    return result
+
+
 def render(results: list[Result], smoke: bool) -> str:
     """The markdown report."""
     lines = ["# Benchmarks", ""]
@@ -785,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for testing")
-    parser.add_argument("--scenario", type=int, nargs="*", default=list(range(1, 8)))
+    parser.add_argument("--scenario", type=int, nargs="*", default=list(range(1, 10)))
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument(
         "--append-notes",
@@ -822,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
 
         add(5, drain)
         add(6, scaled)
+        add(8, lambda d: results.append(hydra_db_catch_up(sizes, d)))
+        add(9, lambda d: results.append(hydra_db_latency(sizes, d)))
         for number, step in steps:
             if number in chosen or (number in (5, 6) and 7 in chosen):
                 directory = work / f"scenario-{number}"

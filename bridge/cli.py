@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,11 @@ import click
 from bridge import __version__
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from bridge.config import Config
+    from bridge.hydrastate import SourceStatus
+    from exporter.metrics import BridgeMetrics
 
 CONFIG_HELP = "TOML config file (default: $HYDRA_CACHIX_BRIDGE_CONFIG, else embedded defaults)."
 config_option = click.option(
@@ -154,7 +159,48 @@ def hook_script(config_path: Path | None, tools_path: str | None) -> None:
     from bridge.spool import SpoolLayout
 
     config = _load(config_path)
-    click.echo(render_hook_script(SpoolLayout(config.spool_dir), tools_path), nl=False)
+    layout = SpoolLayout(config.spool_dir)
+    if not layout.is_alive():
+        click.echo(
+            f"hydra-cachix-bridge: warning: the spool {layout.root} does not exist yet: until "
+            "`hydra-cachix-bridge init` (or the daemon's first start) creates it, this hook "
+            "drops every build (saying so in the build log)",
+            err=True,
+        )
+    click.echo(render_hook_script(layout, tools_path), nl=False)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--user",
+    default=None,
+    metavar="USER",
+    help="Owner of the directories: the user the daemon runs as (default: this user).",
+)
+@click.option(
+    "--group",
+    default=None,
+    metavar="GROUP",
+    help="Group shared with the producers (Hydra's RunCommand user, the hook's root); "
+    "needs [spool] group_writable = true (default: the owner's primary group).",
+)
+def init(config_path: Path | None, user: str | None, group: str | None) -> None:
+    """Create the state and spool directories with the owner, group and modes the producers
+    need, before the daemon's first start; safe to run again (repairs what differs)."""
+    from bridge.init import InitError, init_directories, resolve_owner
+
+    config = _load(config_path)
+    try:
+        owner = resolve_owner(config, user, group)
+    except InitError as exc:
+        _fail(str(exc), 2)
+    try:
+        lines = init_directories(config, owner)
+    except InitError as exc:
+        _fail(str(exc))
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()
@@ -174,7 +220,7 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
 
     from bridge.quarantine import summarize
     from bridge.queue import Queue, QueueError
-    from bridge.render import render_status, status_document
+    from bridge.render import hydra_db_document, render_hydra_db, render_status, status_document
     from bridge.spool import SpoolLayout
 
     config = _load(config_path)
@@ -199,11 +245,32 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
         ]
     running = _daemon_running(config)
     rejected = summarize(SpoolLayout(config.spool_dir))
+    source = _hydra_db_status(config) if config.hydra_db is not None else None
     if as_json:
         document = status_document(statuses, dead, now, running, quarantine=rejected)
+        if config.hydra_db is not None:
+            document["hydra_db"] = hydra_db_document(source, now)
         click.echo(json.dumps(document, indent=2))
     else:
         click.echo(render_status(statuses, dead, now, running, quarantine=rejected), nl=False)
+        if config.hydra_db is not None:
+            click.echo("\n" + render_hydra_db(source, now, running), nl=False)
+
+
+def _hydra_db_status(config: Config) -> SourceStatus | None:
+    from bridge.hydrastate import HydraState
+    from bridge.queue import Queue, QueueError
+
+    if not config.database_path.exists():
+        return None
+    try:
+        queue = Queue(config.database_path, create=False)
+    except QueueError:
+        return None
+    try:
+        return HydraState(queue.conn).status()
+    finally:
+        queue.close()
 
 
 def _daemon_running(config: Config) -> bool:
@@ -261,13 +328,144 @@ def _log_retry(config: Config, count: int, which: str) -> None:
     )
 
 
+@main.command()
+@config_option
+@click.option(
+    "--jobset",
+    "jobset_name",
+    required=True,
+    metavar="PROJECT:JOBSET",
+    help="The Hydra jobset whose finished builds are recorded.",
+)
+@click.option("--eval", "eval_id", type=int, default=None, help="Only this evaluation's builds.")
+@click.option("--latest", is_flag=True, help="Only the builds of the jobset's latest evaluation.")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    default=None,
+    help="Only builds that finished at or after this local date/time.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Only print how many builds and paths each cache would get."
+)
+def backfill(
+    config_path: Path | None,
+    jobset_name: str,
+    eval_id: int | None,
+    latest: bool,
+    since: datetime.datetime | None,
+    dry_run: bool,
+) -> None:
+    """Record the finished builds of a Hydra jobset from its database (source `backfill`).
+
+    Needs [hydra_db] in the config. Safe to interrupt and run again: builds already
+    recorded by backfill are skipped, and paths already queued or pushed are not queued
+    twice. The running daemon pushes what is recorded.
+    """
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from bridge.daemon import DaemonError, require_hydra_db_driver
+
+    project, _, jobset = jobset_name.partition(":")
+    if not project or not jobset or ":" in jobset:
+        _fail(f"--jobset must be PROJECT:JOBSET, got {jobset_name!r}", 2)
+    if eval_id is not None and latest:
+        _fail("give --eval ID or --latest, not both", 2)
+    if eval_id is None and not latest and since is None:
+        _fail("give --eval ID, --latest or --since DATE (or several: they narrow down)", 2)
+    config = _load(config_path)
+    if config.hydra_db is None:
+        _fail("backfill reads Hydra's database: add a [hydra_db] table with its dsn to the config")
+    try:
+        require_hydra_db_driver()
+    except DaemonError as exc:
+        _fail(str(exc))
+
+    import psycopg
+
+    from bridge.backfill import Backfill, BackfillError, Selection
+    from bridge.clock import SystemClock
+    from bridge.hydradb import HydraReader, connect
+    from bridge.queue import Queue, QueueError
+    from bridge.render import render_backfill
+    from bridge.secrets import SecretError
+
+    selection = Selection(
+        project, jobset, eval_id, latest, None if since is None else int(since.timestamp())
+    )
+    try:
+        conn = connect(config.hydra_db)
+    except (psycopg.Error, SecretError) as exc:
+        _fail(f"cannot connect to Hydra's database: {exc}")
+    try:
+        queue = Queue(config.database_path)
+    except QueueError as exc:
+        conn.close()
+        _fail(str(exc))
+    try:
+        job = Backfill(
+            config, HydraReader(conn), queue, _offline_metrics(CollectorRegistry()), SystemClock()
+        )
+        total = job.count(selection)
+        label = "counting" if dry_run else "recording"
+        with click.progressbar(length=total, label=f"{label} {total} build(s)") as bar:
+            report = job.run(selection, dry_run=dry_run, progress=bar.update)
+    except BackfillError as exc:
+        _fail(str(exc))
+    except psycopg.Error as exc:
+        _fail(f"reading Hydra's database failed: {exc}")
+    finally:
+        queue.close()
+        conn.close()
+    click.echo(render_backfill(report, selection, dry_run, time.time()), nl=False)
+
+
+def _offline_metrics(registry: CollectorRegistry) -> BridgeMetrics:
+    from bridge import __version__
+    from bridge.events import REJECT_REASONS, SOURCES
+    from bridge.matching import IGNORE_REASONS
+    from exporter.metrics import BridgeMetrics
+
+    return BridgeMetrics(
+        registry,
+        version=__version__,
+        caches={},
+        sources=SOURCES,
+        reject_reasons=REJECT_REASONS,
+        ignore_reasons=IGNORE_REASONS,
+        failure_reasons=(),
+        skip_reasons=(),
+    )
+
+
 @main.command("check-config")
 @config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the config and print the effective settings (secrets are never shown)."""
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check the file alone (syntax, types, rules), not this host: for build-time checks "
+    "where secrets, executables and directories are not there yet.",
+)
+def check_config(config_path: Path | None, offline: bool) -> None:
+    """Check the config, and unless --offline that it can work on this host; print it.
+
+    Exits 1 with `FILE:KEY: message` lines when the file is invalid or, on this host, a
+    secret file cannot be read, the backend's executable is missing, or a directory the
+    daemon writes cannot be written or created. Warnings go to stderr without failing.
+    """
+    from bridge.preflight import check_host
     from bridge.render import render_config
 
     config = _load(config_path)
+    for warning in config.warnings:
+        click.echo(warning, err=True)
+    problems = [] if offline else check_host(config)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
     click.echo(render_config(config), nl=False)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bridge.events import SOURCES
+from bridge.events import HYDRA_SOURCES, SOURCES
 
 CONFIG_ENV = "HYDRA_CACHIX_BRIDGE_CONFIG"
 BACKENDS = ("cachix", "nix-copy")
@@ -27,7 +30,15 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class JobPattern:
-    """Hydra's `project:jobset:job` pattern: each part is `*` or must match exactly."""
+    """Hydra's `project:jobset:job` pattern: each part is `*` or must equal the value.
+
+    Parsed exactly as Hydra's RunCommand plugin does (NixOS/hydra,
+    subprojects/hydra/lib/Hydra/Plugin/RunCommand.pm, `configSectionMatches`): the text is
+    split with Perl's `split /:/`, which drops trailing empty fields; more than three fields
+    is an error; a missing field is `*`. So `""`, `proj:`, `proj::` and `proj:main:simple:`
+    are all valid, while an empty field before a non-empty one (`proj::simple`) must equal
+    the empty string. `*` is a wildcard only as a whole part: `release-*` is literal.
+    """
 
     project: str
     jobset: str
@@ -35,10 +46,15 @@ class JobPattern:
 
     @classmethod
     def parse(cls, text: str) -> JobPattern:
-        """Parse a pattern; missing trailing parts mean `*`, more than three is an error."""
+        """Parse a pattern as Hydra does; more than three parts is a ValueError."""
         parts = text.split(":")
-        if len(parts) > 3 or not text:
-            raise ValueError(f"invalid job pattern {text!r}: expected project:jobset:job")
+        while parts and not parts[-1]:  # Perl's split drops trailing empty fields
+            parts.pop()
+        if len(parts) > 3:
+            raise ValueError(
+                f"invalid job pattern {text!r}: Hydra allows at most three ':'-separated "
+                "parts (project:jobset:job)"
+            )
         parts += ["*"] * (3 - len(parts))
         return cls(*parts)
 
@@ -48,6 +64,10 @@ class JobPattern:
             want == "*" or want == got
             for want, got in ((self.project, project), (self.jobset, jobset), (self.job, job))
         )
+
+    def literal_stars(self) -> tuple[str, ...]:
+        """Parts that contain `*` without being `*`: Hydra matches them literally."""
+        return tuple(p for p in (self.project, self.jobset, self.job) if "*" in p and p != "*")
 
     def __str__(self) -> str:
         return f"{self.project}:{self.jobset}:{self.job}"
@@ -123,6 +143,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class HydraDbSettings:
+    """Hydra's PostgreSQL as a source: where it is and how far back catch-up looks."""
+
+    dsn: str
+    password_file: Path | None = None
+    overlap_seconds: float = 3600.0
+    poll_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -138,6 +169,9 @@ class Config:
     retention_days: float = 14.0
     log_level: str = "info"
     source_file: Path | None = None
+    # `FILE:KEY: message` lines about settings that work but may not mean what was meant.
+    warnings: tuple[str, ...] = ()
+    hydra_db: HydraDbSettings | None = None
 
     @property
     def database_path(self) -> Path:
@@ -163,6 +197,26 @@ def default_config(state_dir: Path | None = None) -> Config:
     )
 
 
+# Upper bounds that keep every setting usable downstream (thread counts, timers, buffers):
+# beyond them a value is a mistake, not a wish.
+MAX_SECONDS = 365 * 86400.0
+MAX_INTEGER = 2**31 - 1
+MAX_WORKERS = 1024
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key_part(name: str) -> str:
+    """A TOML key as it is written in a file: bare when it can be, else quoted and escaped."""
+    if _BARE_KEY.fullmatch(name):
+        return name
+    escaped = "".join(
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else "\\" + c if c in '"\\' else c
+        for c in name
+    )
+    return f'"{escaped}"'
+
+
 class _Reader:
     """Typed access to one TOML table that records problems instead of raising."""
 
@@ -171,7 +225,7 @@ class _Reader:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
+        return f"{self.prefix}{key_part(name)}"
 
     def error(self, name: str, message: str) -> None:
         self.problems.append(f"{self.file}:{self.key(name)}: {message}")
@@ -187,12 +241,30 @@ class _Reader:
             names = " or ".join(_type_name(k) for k in kinds)
             self.error(name, f"must be {names}, got {_type_name(type(value))}")
             return default
+        if isinstance(value, str) and "\0" in value:
+            self.error(name, "must not contain a NUL character")
+            return default
         return value
 
-    def number(self, name: str, default: float, minimum: float, integer: bool = False) -> Any:
+    def number(
+        self,
+        name: str,
+        default: float,
+        minimum: float,
+        integer: bool = False,
+        maximum: float | None = None,
+    ) -> Any:
         value = self.get(name, int if integer else (int, float), default)
+        if maximum is None:
+            maximum = MAX_INTEGER if integer else MAX_SECONDS
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(name, "must be a finite number")
+            return default
         if value < minimum:
             self.error(name, f"must be at least {minimum:g}")
+            return default
+        if value > maximum:
+            self.error(name, f"must be at most {maximum:g}")
             return default
         return value if integer else float(value)
 
@@ -202,6 +274,9 @@ class _Reader:
             return default
         if not all(isinstance(v, str) for v in value):
             self.error(name, "must be a list of strings")
+            return default
+        if any("\0" in v for v in value):
+            self.error(name, "must not contain a NUL character")
             return default
         return tuple(value)
 
@@ -235,14 +310,48 @@ def _type_name(kind: type) -> str:
         bool: "a boolean",
         list: "a list",
         dict: "a table",
+        datetime.datetime: "a date-time",
+        datetime.date: "a date",
+        datetime.time: "a time",
     }.get(kind, kind.__name__)
+
+
+# Nix signs only when copying to a binary-cache store; `secret-key` is a setting of those
+# stores alone and every other store (ssh://, ssh-ng://, local, daemon, unix://, a path)
+# ignores it without a word (NixOS/nix: `secret-key` is declared in BinaryCacheStoreConfig
+# only, libstore's binary-cache-store.hh).
+SIGNING_SCHEMES = ("file", "s3", "http", "https")
+
+
+def store_scheme(uri: str) -> str:
+    """The scheme of a Nix store URI (`local`, `daemon`, `auto` and paths have none: '')."""
+    scheme, sep, _ = uri.partition("://")
+    return scheme if sep else ""
+
+
+def signs_paths(uri: str) -> bool:
+    """True when `nix copy --to uri` honours `secret-key=` (a binary-cache store)."""
+    return store_scheme(uri) in SIGNING_SCHEMES
+
+
+def _unsigned_store_message(uri: str) -> str:
+    scheme = store_scheme(uri)
+    kind = f"{scheme}://" if scheme else f"{uri.partition('?')[0]!r}"
+    return (
+        f"Nix signs only when copying to a binary-cache store (file://, s3://, http://, "
+        f"https://); a {kind} store ignores the key and the paths arrive unsigned. Sign on "
+        "the receiving side (or in Hydra) and remove this key"
+    )
 
 
 def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> CacheConfig | None:
     if not isinstance(table, dict):
-        problems.append(f"{file}:caches.{name}: must be a table")
+        problems.append(f"{file}:caches.{key_part(name)}: must be a table")
         return None
-    r = _Reader(file, table, f"caches.{name}.", problems)
+    if not name or "\0" in name:
+        problems.append(f"{file}:caches.{key_part(name)}: a cache name must be non-empty text")
+        return None
+    r = _Reader(file, table, f"caches.{key_part(name)}.", problems)
     backend = r.get("backend", str, None)
     if backend is None:
         r.error("backend", f"is required (one of {', '.join(BACKENDS)})")
@@ -268,14 +377,26 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
         for key in ("cachix_config", "hostname", "auth_token_file"):
             if key in table:
                 r.error(key, "is only for backend cachix")
+    if backend == "nix-copy" and cache.uri and not signs_paths(cache.uri):
+        if cache.signing_key_file is not None:
+            r.error("signing_key_file", _unsigned_store_message(cache.uri))
+        elif "secret-key=" in cache.uri.partition("?")[2]:
+            r.error("uri", "secret-key=: " + _unsigned_store_message(cache.uri))
     if cache.max_parallel is not None and cache.max_parallel < 1:
         r.error("max_parallel", "must be at least 1")
+    if cache.max_parallel is not None and cache.max_parallel > MAX_WORKERS:
+        r.error("max_parallel", f"must be at most {MAX_WORKERS}")
     r.finish()
     return cache
 
 
 def _parse_rule(
-    file: str, index: int, table: Any, caches: dict[str, CacheConfig], problems: list[str]
+    file: str,
+    index: int,
+    table: Any,
+    caches: dict[str, CacheConfig],
+    problems: list[str],
+    warnings: list[str],
 ) -> Rule | None:
     prefix = f"rules[{index}]."
     if not isinstance(table, dict):
@@ -291,15 +412,26 @@ def _parse_rule(
     patterns: list[JobPattern] = []
     for text in r.strings("jobs", ()):
         try:
-            patterns.append(JobPattern.parse(text))
+            pattern = JobPattern.parse(text)
         except ValueError as exc:
             r.error("jobs", str(exc))
+            continue
+        patterns.append(pattern)
+        for part in pattern.literal_stars():
+            warnings.append(
+                f"{file}:{r.key('jobs')}: warning: pattern {text!r}: {part!r} is matched "
+                "literally, as Hydra does ('*' is a wildcard only as a whole part)"
+            )
     sources = r.strings("sources", SOURCES)
     for source in sources:
         if source not in SOURCES:
             r.error("sources", f"unknown source {source!r} (one of {', '.join(SOURCES)})")
-    if patterns and "hydra" not in sources:
-        r.error("jobs", "job patterns only match Hydra events, but sources excludes 'hydra'")
+    if patterns and not set(sources) & set(HYDRA_SOURCES):
+        r.error(
+            "jobs",
+            "job patterns only match Hydra events, but sources has none of "
+            + ", ".join(HYDRA_SOURCES),
+        )
     statuses = r.get("build_statuses", list, [0])
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 99 for s in statuses):
         r.error("build_statuses", "must be a list of Hydra build status integers")
@@ -315,9 +447,33 @@ def _parse_rule(
     return rule
 
 
+def _parse_hydra_db(file: str, top: _Reader, problems: list[str]) -> HydraDbSettings | None:
+    if "hydra_db" not in top.table:
+        top.seen.add("hydra_db")
+        return None
+    h = _Reader(file, top.table_of("hydra_db"), "hydra_db.", problems)
+    d = HydraDbSettings(dsn="")
+    dsn = h.get("dsn", str, "")
+    if not dsn.strip():
+        h.error("dsn", 'is required: a libpq connection string, e.g. "dbname=hydra"')
+    elif any(ord(c) < 32 for c in dsn):
+        h.error("dsn", "must not contain control characters")
+    settings = HydraDbSettings(
+        dsn=dsn,
+        # Like auth_token_file: a relative name is a systemd credential (LoadCredential=).
+        password_file=h.path("password_file"),
+        overlap_seconds=h.number("overlap_seconds", d.overlap_seconds, 0),
+        poll_seconds=h.number("poll_seconds", d.poll_seconds, 1),
+        connect_timeout_seconds=h.number("connect_timeout_seconds", d.connect_timeout_seconds, 1),
+    )
+    h.finish()
+    return settings
+
+
 def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> Config:
     """Validate a decoded TOML document into a Config, or raise ConfigError."""
     problems: list[str] = []
+    warnings: list[str] = []
     top = _Reader(file, data, "", problems)
     base = base or Path.cwd()
     state_dir = top.path("state_dir") or default_state_dir()
@@ -328,12 +484,12 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     if log_level not in LOG_LEVELS:
         top.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         log_level = "info"
-    retention = top.number("retention_days", 14.0, 0.0)
+    retention = top.number("retention_days", 14.0, 0.0, maximum=36500)
 
     p = _Reader(file, top.table_of("push"), "push.", problems)
     d = PushSettings()
     push = PushSettings(
-        workers=p.number("workers", d.workers, 1, integer=True),
+        workers=p.number("workers", d.workers, 1, integer=True, maximum=MAX_WORKERS),
         batch_size=p.number("batch_size", d.batch_size, 1, integer=True),
         timeout_seconds=p.number("timeout_seconds", d.timeout_seconds, 1),
         max_attempts=p.number("max_attempts", d.max_attempts, 1, integer=True),
@@ -348,7 +504,9 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     s = _Reader(file, top.table_of("spool"), "spool.", problems)
     ds = SpoolSettings()
     spool = SpoolSettings(
-        max_event_bytes=s.number("max_event_bytes", ds.max_event_bytes, 256, integer=True),
+        max_event_bytes=s.number(
+            "max_event_bytes", ds.max_event_bytes, 256, integer=True, maximum=MAX_EVENT_BYTES
+        ),
         rescan_seconds=s.number("rescan_seconds", ds.rescan_seconds, 0.1),
         group_writable=s.get("group_writable", bool, ds.group_writable),
     )
@@ -356,9 +514,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
 
     m = _Reader(file, top.table_of("metrics"), "metrics.", problems)
     dm = MetricsSettings()
-    port = m.number("port", dm.port, 0, integer=True)
-    if port > 65535:
-        m.error("port", "must be at most 65535")
+    port = m.number("port", dm.port, 0, integer=True, maximum=65535)
     metrics = MetricsSettings(
         enabled=m.get("enabled", bool, dm.enabled),
         listen_address=m.get("listen_address", str, dm.listen_address),
@@ -384,7 +540,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
     if raw_rules is None:
         rules = [Rule(caches=tuple(caches))] if caches else []
     for index, table in enumerate(raw_rules or []):
-        rule = _parse_rule(file, index, table, caches, problems)
+        rule = _parse_rule(file, index, table, caches, problems, warnings)
         if rule is not None:
             rules.append(rule)
 
@@ -402,6 +558,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
             log_sources.append(LogSource((base / path).absolute(), resolve))
         lr.finish()
     log_poll = top.number("log_poll_seconds", 1.0, 0.05)
+    hydra_db = _parse_hydra_db(file, top, problems)
     top.finish()
     if problems:
         raise ConfigError(problems)
@@ -418,6 +575,8 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         retention_days=retention,
         log_level=log_level,
         source_file=Path(file) if file != "<defaults>" else None,
+        warnings=tuple(warnings),
+        hydra_db=hydra_db,
     )
 
 
@@ -429,12 +588,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return default_config()
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            data = tomllib.load(handle)
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise ConfigError([f"{file}: file not found"]) from None
     except OSError as exc:
-        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
     return parse_config(data, str(file), base=file.parent.absolute())

@@ -32,7 +32,7 @@ from bridge.watcher import Notification, SpoolWatcher
 from bridge.worker import SKIP_REASONS, PushWorkers
 from exporter.http import MetricsServer
 from exporter.landing import LandingSnapshot, derive_cache_state, render_landing
-from exporter.metrics import BridgeMetrics, QueueCollector
+from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class Daemon:
             per_jobset=config.metrics.per_jobset,
             log_sources=[str(source.path) for source in config.log_sources],
         )
+        self.hydra_db_metrics: HydraDbMetrics | None = None
+        if config.hydra_db is not None:
+            self.hydra_db_metrics = HydraDbMetrics(self.registry)
         self.stopping = threading.Event()
         self.notifications: queue_module.SimpleQueue[Notification | None] = (
             queue_module.SimpleQueue()
@@ -112,6 +115,8 @@ class Daemon:
     def start(self) -> None:
         """Take the state lock, recover, scan the spool and start every thread."""
         config = self.config
+        if config.hydra_db is not None:
+            require_hydra_db_driver()
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.layout.ensure(config.spool.group_writable)
@@ -198,6 +203,8 @@ class Daemon:
         self._spawn(self._ingest_loop, "ingest")
         if config.log_sources:
             self._spawn(self._follow_loop, "log-follower")
+        if config.hydra_db is not None:
+            self._spawn(self._hydra_db_loop, "hydra-db")
         self.ready.set()
         sd_notify(f"READY=1\nSTATUS=watching {self.layout.incoming}")
         log.info(
@@ -341,6 +348,25 @@ class Daemon:
                 self.stopping.wait(self.config.log_poll_seconds)
         finally:
             self.follower.close()
+            queue.close()
+
+    def _hydra_db_loop(self) -> None:
+        from bridge.hydrasource import HydraDbSource
+
+        assert self.workers is not None and self.hydra_db_metrics is not None
+        queue = Queue(self.config.database_path)
+        try:
+            source = HydraDbSource(
+                self.config,
+                queue,
+                self.metrics,
+                self.hydra_db_metrics,
+                self.clock,
+                stop=self.stopping,
+                on_enqueued=self.workers.wake,
+            )
+            source.run()
+        finally:
             queue.close()
 
     # -- health and maintenance -----------------------------------------------------------
@@ -490,6 +516,17 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
+
+
+def require_hydra_db_driver() -> None:
+    """Fail with the install hint when [hydra_db] is configured but psycopg is missing."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise DaemonError(
+            "[hydra_db] needs the PostgreSQL driver psycopg 3: install "
+            "'hydra-cachix-bridge[hydra-db]' (or psycopg[binary]>=3.2)"
+        ) from None
 
 
 def lock_path(state_dir: Path) -> Path:

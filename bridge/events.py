@@ -10,7 +10,10 @@ from typing import Any
 from bridge.storepath import is_derivation_path, is_store_path
 
 SPOOL_FORMAT_VERSION = 1
-SOURCES = ("hydra", "hook", "log")
+SOURCES = ("hydra", "hook", "log", "hydra-db", "backfill")
+# Sources that describe a Hydra build (project, jobset, job, status): RunCommand payloads,
+# rows read from Hydra's database, and rows recorded by `backfill`.
+HYDRA_SOURCES = ("hydra", "hydra-db", "backfill")
 
 # Bounded set of reasons an event is rejected; used as a metric label.
 REJECT_REASONS = (
@@ -22,6 +25,7 @@ REJECT_REASONS = (
     "not_regular_file",
     "unreadable",
     "unresolved_outputs",
+    "invalid_build_row",
 )
 
 MAX_NAME_LENGTH = 1024

@@ -16,6 +16,7 @@ from bridge.clock import Clock
 from bridge.config import Config
 from bridge.describe import describe_queued
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
+from bridge.intake import count_event
 from bridge.matching import match_event
 from bridge.quarantine import RejectionCounter
 from bridge.queue import Queue
@@ -223,15 +224,7 @@ class Ingestor:
 
     def count_event(self, event: Event, outcome: str, enqueued: dict[str, int]) -> None:
         """Update the event metrics for one recorded event."""
-        m = self.metrics
-        m.events_received.labels(event.source).inc()
-        m.last_event.labels(event.source).set(self.clock.time())
-        if outcome == "matched":
-            m.events_matched.labels(event.source).inc()
-        else:
-            m.events_ignored.labels(event.source, outcome).inc()
-        for cache, count in enqueued.items():
-            m.paths_enqueued.labels(cache).inc(count)
+        count_event(self.metrics, event, outcome, enqueued, self.clock.time())
 
     def _quarantine(self, path: Path, reason: str, message: str, stats: IngestStats) -> None:
         try:

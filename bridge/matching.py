@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.config import Rule
-from bridge.events import Event
+from bridge.events import HYDRA_SOURCES, Event
 from bridge.storepath import path_name
 
 # Bounded set of reasons an event is ignored; used as a metric label.
@@ -39,7 +39,7 @@ def _applies(rule: Rule, event: Event) -> bool:
 
 def _status_ok(rule: Rule, event: Event) -> bool:
     # Only Hydra knows a build status; hook and log events come from successful builds.
-    return event.source != "hydra" or event.build_status in rule.build_statuses
+    return event.source not in HYDRA_SOURCES or event.build_status in rule.build_statuses
 
 
 def _excluded(rule: Rule, path: str) -> bool:

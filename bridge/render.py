@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bridge.config import Config
+from bridge.hydrastate import SourceStatus
 from bridge.quarantine import QuarantineSummary
 from bridge.queue import CacheStatus, DeadLetter
 from bridge.secrets import SecretError, read_secret
+
+if TYPE_CHECKING:
+    from bridge.backfill import BackfillReport, Selection
 
 
 def mask_uri(uri: str) -> str:
@@ -25,6 +30,16 @@ def mask_uri(uri: str) -> str:
     if parts.port is not None:
         host += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def mask_conninfo(dsn: str) -> str:
+    """Hide a password in a libpq conninfo string (key=value or postgresql:// URI)."""
+    if "://" in dsn:
+        dsn = mask_uri(dsn)
+    return _CONNINFO_PASSWORD.sub(r"\1***", dsn)
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -113,6 +128,15 @@ def render_config(config: Config) -> str:
             f"path = {_toml_value(source.path)}",
             f"resolve_derivations = {_toml_value(source.resolve_derivations)}",
         ]
+    if config.hydra_db is not None:
+        lines += ["", "[hydra_db]"]
+        for key, value in vars(config.hydra_db).items():
+            if value is None:
+                continue
+            if key == "dsn":
+                value = mask_conninfo(str(value))
+            note = _secret_note(value) if key == "password_file" else ""
+            lines.append(f"{key} = {_toml_value(value)}{note}")
     return "\n".join(lines) + "\n"
 
 
@@ -269,3 +293,74 @@ def _render_quarantine(quarantine: QuarantineSummary, now: float) -> list[str]:
 def _printable(text: str) -> str:
     """Control characters escaped, so a file name cannot forge terminal lines."""
     return repr(text)[1:-1]
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def hydra_db_document(status: SourceStatus | None, now: float) -> dict[str, Any] | None:
+    """The Hydra database source's state for `status --json` (None when not configured)."""
+    if status is None:
+        return {"state": "never ran", "checkpoint_stoptime": None}
+    return {
+        "state": status.state,
+        "state_since": status.state_since,
+        "last_error": status.last_error,
+        "checkpoint_stoptime": status.checkpoint_stoptime,
+        "checkpoint_build_id": status.checkpoint_build_id,
+        "newest_stoptime": status.newest_stoptime,
+        "lag_seconds": (
+            None if status.newest_stoptime is None else max(0.0, now - status.newest_stoptime)
+        ),
+    }
+
+
+def render_hydra_db(status: SourceStatus | None, now: float, daemon_running: bool) -> str:
+    """The Hydra database source's state, for people."""
+    if status is None:
+        return "hydra database source: configured, never ran with this queue database\n"
+    state = status.state if daemon_running else f"not running (last: {status.state})"
+    lines = [
+        f"hydra database source: {state} since {_age(now, status.state_since)}",
+        f"  checkpoint: builds finished up to {_when(status.checkpoint_stoptime)}"
+        + (f" (build {status.checkpoint_build_id})" if status.checkpoint_build_id else ""),
+        f"  newest build recorded: finished {_when(status.newest_stoptime)}",
+    ]
+    if status.last_error and status.state != "listening":
+        lines.append(f"  last error: {status.last_error}")
+    return "\n".join(lines) + "\n"
+
+
+def render_backfill(report: BackfillReport, selection: Selection, dry_run: bool, now: float) -> str:
+    """What `backfill` did, or with --dry-run would do, per cache."""
+    what = f"{selection.project}:{selection.jobset}"
+    if report.eval_id is not None:
+        what += f" evaluation {report.eval_id}"
+    if selection.since is not None:
+        what += f" finished since {_when(selection.since)}"
+    verb = "would record" if dry_run else "recorded"
+    new = report.builds - report.skipped - report.rejected
+    lines = [
+        f"{what}: {report.builds} finished build(s); {verb} {new} as events (source backfill)",
+    ]
+    if report.skipped:
+        lines.append(f"  {report.skipped} skipped (recorded by an earlier backfill, or cancelled)")
+    if report.rejected:
+        lines.append(f"  {report.rejected} rejected as invalid rows (see the warnings above)")
+    for reason, count in sorted(report.ignored.items()):
+        lines.append(f"  {count} match no cache: {reason}")
+    caches = sorted(set(report.cache_builds) | set(report.cache_paths))
+    if caches:
+        head = "cache would get" if dry_run else "cache gets"
+        lines.append(f"{head} (paths already queued or pushed are not queued again):")
+        for cache in caches:
+            lines.append(
+                f"  {cache}: {report.cache_builds.get(cache, 0)} build(s), "
+                f"{report.cache_paths.get(cache, 0)} path(s)"
+            )
+    elif new:
+        lines.append("no cache gets any path (no rule matches these builds)")
+    return "\n".join(lines) + "\n"

@@ -45,12 +45,15 @@ class SpoolLayout:
         """Rejected event files, each with a `.reason` file beside it."""
         return self.root / QUARANTINE
 
+    @property
+    def directories(self) -> tuple[Path, Path, Path, Path]:
+        """The root and its three subdirectories, parents first."""
+        return (self.root, self.incoming, self.tmp, self.quarantine)
+
     def ensure(self, group_writable: bool = False) -> None:
         """Create the directories (daemon side) with restrictive modes."""
-        # Group-writable spools are setgid (files keep the group) and sticky (producers
-        # cannot remove or replace each other's files; the owning daemon still can).
-        mode = 0o3770 if group_writable else 0o700
-        for directory in (self.root, self.incoming, self.tmp, self.quarantine):
+        mode = spool_mode(group_writable)
+        for directory in self.directories:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Only change what differs: under systemd's RestrictSUIDSGID= any chmod that
             # names the setgid bit fails, so directories made by tmpfiles are left alone.
@@ -60,6 +63,13 @@ class SpoolLayout:
     def is_alive(self) -> bool:
         """True while the incoming directory exists."""
         return self.incoming.is_dir()
+
+
+def spool_mode(group_writable: bool) -> int:
+    """The mode of every spool directory: 3770 when producers share a group, else 0700."""
+    # Group-writable spools are setgid (files keep the group) and sticky (producers
+    # cannot remove or replace each other's files; the owning daemon still can).
+    return 0o3770 if group_writable else 0o700
 
 
 def event_file_name(kind: str) -> str:

@@ -278,3 +278,29 @@ class QueueCollector(Collector):
     def describe(self) -> Iterable[GaugeMetricFamily]:
         """Describe without reading the database at registration."""
         return []
+
+
+class HydraDbMetrics:
+    """Metrics of the Hydra database source; registered only when [hydra_db] is configured."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            f"{PREFIX}_hydra_db_connected",
+            "1 while connected to Hydra's PostgreSQL and listening for build_finished",
+            registry=registry,
+        )
+        self.lag = Gauge(
+            f"{PREFIX}_hydra_db_lag_seconds",
+            "Now minus the finish time of the newest build read from Hydra's database",
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            f"{PREFIX}_hydra_db_reconnects_total",
+            "Connections to Hydra's PostgreSQL lost or refused",
+            registry=registry,
+        )
+        self.caught_up = Counter(
+            f"{PREFIX}_hydra_db_catch_up_builds_total",
+            "Finished builds read by catch-up queries (not via a notification)",
+            registry=registry,
+        )

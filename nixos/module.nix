@@ -1,4 +1,6 @@
 # NixOS module: services.hydra-cachix-bridge
+# This file holds the daemon (package, settings, secrets, user, spool, service); each
+# integration lives in its own file under ./integrations/.
 {
   config,
   lib,
@@ -10,14 +12,41 @@ let
   inherit (lib)
     mkEnableOption
     mkIf
-    mkMerge
     mkOption
     types
     ;
 
   cfg = config.services.hydra-cachix-bridge;
   settingsFormat = pkgs.formats.toml { };
-  share = "${cfg.package}/share/hydra-cachix-bridge";
+
+  # A secret is a runtime path outside the store. A path literal (`./token`) would be copied
+  # into the world-readable store when interpolated, so it is rejected.
+  secretPath =
+    if types ? externalPath then
+      types.externalPath
+    else if types ? pathWith then
+      types.pathWith {
+        inStore = false;
+        absolute = true;
+      }
+    else
+      types.addCheck types.str (
+        p: lib.hasPrefix "/" p && !lib.hasPrefix "${builtins.storeDir}/" p
+      )
+      // {
+        description = "absolute path not in the Nix store";
+      };
+
+  # Numbers with the bounds the daemon's config reader enforces (bridge/config.py).
+  atLeast =
+    min:
+    types.addCheck types.number (x: x >= min)
+    // {
+      description = "number at least ${toString min}";
+    };
+  setting =
+    type: default: description:
+    mkOption { inherit type default description; };
 
   # Secret files never enter the store: systemd copies them into $CREDENTIALS_DIRECTORY and
   # the config refers to them by these relative credential names.
@@ -56,23 +85,46 @@ let
       }
       ''
         cp "$raw" "$out"
-        CREDENTIALS_DIRECTORY=/nonexistent hydra-cachix-bridge check-config --config "$out" > /dev/null
+        # --offline: the file only; secrets, executables and directories exist on the host.
+        hydra-cachix-bridge check-config --offline --config "$out" > /dev/null
       '';
 
-  hook =
-    pkgs.runCommand "hydra-cachix-bridge-post-build-hook" { nativeBuildInputs = [ cfg.package ]; }
-      ''
-        hydra-cachix-bridge hook-script --config ${configFile} \
-          --tools-path ${lib.makeBinPath [ pkgs.coreutils pkgs.gnused ]} > "$out"
-        chmod 755 "$out"
-      '';
+  trimSlash = dir: if dir != "/" then lib.removeSuffix "/" dir else dir;
+  spool = trimSlash cfg.settings.spool_dir;
+  stateDir = trimSlash cfg.settings.state_dir;
+  # systemd creates and owns /var/lib/<name> through StateDirectory=; elsewhere tmpfiles does.
+  stateUnderVarLib = lib.hasPrefix "/var/lib/" stateDir;
 
-  spool = cfg.settings.spool_dir;
-  usesCachix = lib.any (cache: (cache.backend or null) == "cachix") (
-    lib.attrValues cfg.settings.caches
+  cacheUris = lib.filter (uri: uri != null) (
+    lib.mapAttrsToList (_: cache: cache.uri or null) cfg.settings.caches
   );
+  # `nix copy --to file:///dir` (or a local store given as an absolute path) writes /dir
+  # from inside the unit, which ProtectSystem=strict makes read-only unless listed.
+  localStoreDir =
+    uri:
+    let
+      location = lib.head (lib.splitString "?" uri);
+    in
+    if lib.hasPrefix "file://" location then
+      trimSlash (lib.removePrefix "file://" location)
+    else if lib.hasPrefix "/" location then
+      trimSlash location
+    else
+      null;
+  fileCacheDirs = lib.unique (lib.filter (dir: dir != null) (map localStoreDir cacheUris));
+  usesSsh = lib.any (uri: lib.hasPrefix "ssh://" uri || lib.hasPrefix "ssh-ng://" uri) cacheUris;
+  cachixCaches = lib.filterAttrs (_: cache: (cache.backend or null) == "cachix") cfg.settings.caches;
+  usesCachix = cachixCaches != { };
 in
 {
+  imports = [
+    ./integrations/hydra.nix
+    ./integrations/post-build-hook.nix
+    ./integrations/prometheus.nix
+    ./integrations/grafana.nix
+    ./integrations/hydra-database.nix
+  ];
+
   options.services.hydra-cachix-bridge = {
     enable = mkEnableOption "hydra-cachix-bridge, which pushes Hydra builds to Nix binary caches";
 
@@ -86,7 +138,10 @@ in
     user = mkOption {
       type = types.str;
       default = "hydra-cachix-bridge";
-      description = "Static user the daemon runs as.";
+      description = ''
+        User the daemon runs as. Left at the default, the module creates it as a system user
+        in `group`; otherwise you make sure the user exists.
+      '';
     };
 
     group = mkOption {
@@ -98,10 +153,22 @@ in
       '';
     };
 
+    configFile = mkOption {
+      type = types.package;
+      readOnly = true;
+      default = configFile;
+      defaultText = lib.literalMD "the checked TOML file rendered from `settings`";
+      description = ''
+        The rendered and checked config file, e.g. for
+        `hydra-cachix-bridge status --config`.
+      '';
+    };
+
     settings = mkOption {
       description = ''
         Configuration, rendered to TOML (see the README's configuration reference). Do not
         put secrets here: the Nix store is world-readable; use `cachix.<name>.*File`.
+        The defaults below are the daemon's own, except `spool.group_writable`.
       '';
       default = { };
       example = lib.literalExpression ''
@@ -120,7 +187,10 @@ in
           state_dir = mkOption {
             type = types.str;
             default = "/var/lib/hydra-cachix-bridge";
-            description = "SQLite queue and lock; managed by systemd's StateDirectory.";
+            description = ''
+              SQLite queue and lock. Under /var/lib it is the unit's StateDirectory=;
+              elsewhere tmpfiles creates it and the unit may write it.
+            '';
           };
           spool_dir = mkOption {
             type = types.str;
@@ -137,37 +207,23 @@ in
             default = "info";
             description = "Log level.";
           };
+          log_poll_seconds = setting (atLeast 0.05) 1.0 "How often log sources are polled.";
+          retention_days = setting (atLeast 0) 14.0 "How long finished queue entries are kept.";
           push = mkOption {
             default = { };
             description = "Batching, timeouts and retries.";
             type = types.submodule {
               freeformType = settingsFormat.type;
               options = {
-                workers = mkOption {
-                  type = types.ints.positive;
-                  default = 4;
-                  description = "Pushes running at once over all caches.";
-                };
-                batch_size = mkOption {
-                  type = types.ints.positive;
-                  default = 32;
-                  description = "Paths per push invocation.";
-                };
-                timeout_seconds = mkOption {
-                  type = types.ints.positive;
-                  default = 1800;
-                  description = "Per invocation; the process group is killed after it.";
-                };
-                max_attempts = mkOption {
-                  type = types.ints.positive;
-                  default = 8;
-                  description = "Failures (the last one alone in its batch) before a path is dead-lettered.";
-                };
-                shutdown_grace_seconds = mkOption {
-                  type = types.ints.unsigned;
-                  default = 30;
-                  description = "How long running pushes may finish on stop.";
-                };
+                workers = setting types.ints.positive 4 "Pushes running at once over all caches.";
+                batch_size = setting types.ints.positive 32 "Paths per push invocation.";
+                timeout_seconds = setting (atLeast 1) 1800.0 "Per invocation; the process group is killed after it.";
+                max_attempts =
+                  setting types.ints.positive 8
+                    "Failures (the last one alone in its batch) before a path is dead-lettered.";
+                backoff_initial_seconds = setting (atLeast 0) 5.0 "First retry delay.";
+                backoff_max_seconds = setting (atLeast 0) 900.0 "Longest retry delay.";
+                shutdown_grace_seconds = setting (atLeast 0) 30.0 "How long running pushes may finish on stop.";
               };
             };
           };
@@ -176,10 +232,17 @@ in
             description = "Spool settings.";
             type = types.submodule {
               freeformType = settingsFormat.type;
-              options.group_writable = mkOption {
-                type = types.bool;
-                default = true;
-                description = "Spool writable by the group (needed for RunCommand and the hook).";
+              options = {
+                group_writable = mkOption {
+                  type = types.bool;
+                  # The daemon's default is false; RunCommand and the hook need it here.
+                  default = true;
+                  description = "Spool writable by the group (needed for RunCommand and the hook).";
+                };
+                max_event_bytes = setting (types.ints.between 256 (
+                  1024 * 1024 * 1024
+                )) (1024 * 1024) "Larger event files are quarantined.";
+                rescan_seconds = setting (atLeast 0.1) 30.0 "Periodic rescan of the spool.";
               };
             };
           };
@@ -189,22 +252,20 @@ in
             type = types.submodule {
               freeformType = settingsFormat.type;
               options = {
-                listen_address = mkOption {
-                  type = types.str;
-                  default = "127.0.0.1";
-                  description = "Address for /metrics and /healthz.";
-                };
-                port = mkOption {
-                  type = types.port;
-                  default = 10198;
-                  description = "Port for /metrics and /healthz.";
-                };
+                enabled = setting types.bool true "Serve /metrics and /healthz.";
+                listen_address = setting types.str "127.0.0.1" "Address for /metrics and /healthz (IPv4 or IPv6).";
+                port = setting types.port 10198 "Port for /metrics and /healthz.";
+                per_jobset = setting types.bool false "Label push metrics with project and jobset.";
               };
             };
           };
           caches = mkOption {
             default = { };
-            description = "Destination caches; the attribute name is the Cachix cache name.";
+            description = ''
+              Destination caches; the attribute name is the Cachix cache name. A `file://`
+              cache directory is created (mode 0750, the daemon's user and group) and made
+              writable for the unit; `ssh://` and `ssh-ng://` caches put `ssh` on its PATH.
+            '';
             type = types.attrsOf (
               types.submodule {
                 freeformType = settingsFormat.type;
@@ -226,9 +287,11 @@ in
             );
           };
           rules = mkOption {
-            type = types.listOf settingsFormat.type;
-            default = [ ];
-            description = "Which events go to which caches; none means everything goes everywhere.";
+            # null leaves `rules` out of the file: every event goes to every cache. An empty
+            # list would be rendered and would route nothing.
+            type = types.nullOr (types.listOf settingsFormat.type);
+            default = null;
+            description = "Which events go to which caches; unset means everything goes everywhere.";
           };
         };
       };
@@ -238,18 +301,19 @@ in
       default = { };
       description = ''
         Secret files per cache (by cache name), handed to the service with
-        LoadCredential= and never copied into the store.
+        LoadCredential= and never copied into the store: give them as strings
+        (`"/run/secrets/cachix-token"`), not path literals.
       '';
       type = types.attrsOf (
         types.submodule {
           options = {
             authTokenFile = mkOption {
-              type = types.nullOr types.path;
+              type = types.nullOr secretPath;
               default = null;
               description = "File with the Cachix auth token (CACHIX_AUTH_TOKEN).";
             };
             signingKeyFile = mkOption {
-              type = types.nullOr types.path;
+              type = types.nullOr secretPath;
               default = null;
               description = "File with the cache's signing key (CACHIX_SIGNING_KEY, or nix-copy's secret-key).";
             };
@@ -257,172 +321,122 @@ in
         }
       );
     };
-
-    hydra = {
-      enable = mkEnableOption "a Hydra <runcommand> that records every finished build";
-      jobs = mkOption {
-        type = types.str;
-        default = "*:*:*";
-        description = "Hydra job pattern (project:jobset:job) of the <runcommand> block.";
-      };
-    };
-
-    postBuildHook.enable = mkEnableOption "the bridge's sh post-build-hook in nix.settings";
-
-    metrics.openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Open the metrics port in the firewall.";
-    };
-
-    grafana.provisionDashboards = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Provision the bundled dashboard into services.grafana.";
-    };
-
-    prometheus.rules = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Add the bundled alert rules and a scrape job to services.prometheus.";
-    };
   };
 
-  config = mkIf cfg.enable (mkMerge [
-    {
-      assertions = [
-        {
-          assertion = cfg.settings.caches != { };
-          message = "services.hydra-cachix-bridge.settings.caches must define at least one cache.";
-        }
-        {
-          assertion = lib.all (name: cfg.settings.caches ? ${name}) (lib.attrNames cfg.cachix);
-          message = "services.hydra-cachix-bridge.cachix names a cache that settings.caches does not define.";
-        }
-      ];
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.settings.caches != { };
+        message = "services.hydra-cachix-bridge.settings.caches must define at least one cache.";
+      }
+      {
+        assertion = lib.all (name: cfg.settings.caches ? ${name}) (lib.attrNames cfg.cachix);
+        message = "services.hydra-cachix-bridge.cachix names a cache that settings.caches does not define.";
+      }
+      {
+        assertion = lib.all (
+          name:
+          cfg.cachix.${name}.authTokenFile == null
+          || !(cfg.settings.caches ? ${name})
+          || cachixCaches ? ${name}
+        ) (lib.attrNames cfg.cachix);
+        message = "services.hydra-cachix-bridge.cachix.<name>.authTokenFile is only for caches with backend \"cachix\".";
+      }
+    ];
 
-      users.users.${cfg.user} = {
+    # Only the default user is ours to define; Hydra's module owns group hydra's gid.
+    users.users = mkIf (cfg.user == "hydra-cachix-bridge") {
+      ${cfg.user} = {
         isSystemUser = true;
         inherit (cfg) group;
-        home = cfg.settings.state_dir;
+        home = stateDir;
         description = "hydra-cachix-bridge daemon";
       };
-      users.groups.${cfg.group} = { };
+    };
+    users.groups.${cfg.group} = { };
 
-      systemd.tmpfiles.rules = map (dir: "d ${dir} 3770 ${cfg.user} ${cfg.group} - -") [
+    systemd.tmpfiles.rules =
+      map (dir: "d ${dir} 3770 ${cfg.user} ${cfg.group} - -") [
         spool
         "${spool}/incoming"
         "${spool}/tmp"
         "${spool}/quarantine"
-      ];
+      ]
+      ++ lib.optional (!stateUnderVarLib) "d ${stateDir} 0700 ${cfg.user} ${cfg.group} - -"
+      ++ map (dir: "d ${dir} 0750 ${cfg.user} ${cfg.group} - -") fileCacheDirs;
 
-      systemd.services.hydra-cachix-bridge = {
-        description = "hydra-cachix-bridge: push Hydra builds to Nix binary caches";
-        wantedBy = [ "multi-user.target" ];
-        wants = [ "network-online.target" ];
-        after = [
-          "network-online.target"
-          "nix-daemon.socket"
+    systemd.services.hydra-cachix-bridge = {
+      description = "hydra-cachix-bridge: push Hydra builds to Nix binary caches";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+        "nix-daemon.socket"
+      ];
+      path = [
+        config.nix.package
+      ]
+      ++ lib.optional usesCachix pkgs.cachix
+      ++ lib.optional usesSsh pkgs.openssh;
+      environment.HOME = stateDir;
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} run --config ${configFile}";
+        Restart = "on-failure";
+        RestartSec = "5s";
+        WatchdogSec = "60s";
+        TimeoutStopSec = "${toString (builtins.ceil (cfg.settings.push.shutdown_grace_seconds + 60))}s";
+        User = cfg.user;
+        Group = cfg.group;
+        UMask = "0027";
+        # The spool, a state_dir outside /var/lib and every file:// cache directory: all
+        # else is read-only under ProtectSystem=strict.
+        ReadWritePaths = [ spool ] ++ lib.optional (!stateUnderVarLib) stateDir ++ fileCacheDirs;
+        LoadCredential = credentials;
+
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        DevicePolicy = "closed";
+        PrivateUsers = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged @resources"
         ];
-        path = [ config.nix.package ] ++ lib.optional usesCachix pkgs.cachix;
-        environment.HOME = cfg.settings.state_dir;
-        serviceConfig = {
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStart = "${lib.getExe cfg.package} run --config ${configFile}";
-          Restart = "on-failure";
-          RestartSec = "5s";
-          WatchdogSec = "60s";
-          TimeoutStopSec = "${toString (cfg.settings.push.shutdown_grace_seconds + 60)}s";
-          User = cfg.user;
-          Group = cfg.group;
-          UMask = "0027";
-          StateDirectory = "hydra-cachix-bridge";
-          StateDirectoryMode = "0700";
-          ReadWritePaths = [ spool ];
-          LoadCredential = credentials;
-
-          NoNewPrivileges = true;
-          CapabilityBoundingSet = "";
-          AmbientCapabilities = "";
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          DevicePolicy = "closed";
-          PrivateUsers = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          ProtectProc = "invisible";
-          ProcSubset = "pid";
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          RemoveIPC = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          SystemCallArchitectures = "native";
-          SystemCallFilter = [
-            "@system-service"
-            "~@privileged @resources"
-          ];
-          SystemCallErrorNumber = "EPERM";
-          # AF_UNIX: nix-daemon socket and sd_notify; AF_INET(6): caches and /metrics.
-          RestrictAddressFamilies = [
-            "AF_UNIX"
-            "AF_INET"
-            "AF_INET6"
-          ];
-        };
+        SystemCallErrorNumber = "EPERM";
+        # AF_UNIX: nix-daemon socket and sd_notify; AF_INET(6): caches and /metrics.
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+      }
+      // lib.optionalAttrs stateUnderVarLib {
+        StateDirectory = lib.removePrefix "/var/lib/" stateDir;
+        StateDirectoryMode = "0700";
       };
+    };
 
-      environment.systemPackages = [ cfg.package ];
-    }
-
-    (mkIf cfg.hydra.enable {
-      users.users.hydra-queue-runner.extraGroups = lib.optional (cfg.group != "hydra") cfg.group;
-      services.hydra.extraConfig = ''
-        <runcommand>
-          job = ${cfg.hydra.jobs}
-          command = ${lib.getExe cfg.package} enqueue-hydra --config ${configFile}
-        </runcommand>
-      '';
-    })
-
-    (mkIf cfg.postBuildHook.enable {
-      nix.settings.post-build-hook = "${hook}";
-    })
-
-    (mkIf cfg.metrics.openFirewall {
-      networking.firewall.allowedTCPPorts = [ cfg.settings.metrics.port ];
-    })
-
-    (mkIf cfg.grafana.provisionDashboards {
-      services.grafana.provision.dashboards.settings.providers = [
-        {
-          name = "hydra-cachix-bridge";
-          folder = "Nix";
-          options.path = "${share}/grafana/dashboards";
-        }
-      ];
-    })
-
-    (mkIf cfg.prometheus.rules {
-      services.prometheus.ruleFiles = [ "${share}/grafana/prometheus/hydra-cachix-bridge.rules.yaml" ];
-      services.prometheus.scrapeConfigs = [
-        {
-          job_name = "hydra-cachix-bridge";
-          static_configs = [
-            {
-              targets = [ "${cfg.settings.metrics.listen_address}:${toString cfg.settings.metrics.port}" ];
-            }
-          ];
-        }
-      ];
-    })
-  ]);
+    environment.systemPackages = [ cfg.package ];
+  };
 }

@@ -6,7 +6,8 @@
 
 python3Packages.buildPythonApplication {
   pname = "hydra-cachix-bridge";
-  version = "0.1.0";
+  # One source for the version: pyproject.toml.
+  version = (lib.importTOML ../pyproject.toml).project.version;
   pyproject = true;
 
   src = lib.fileset.toSource {
@@ -27,6 +28,8 @@ python3Packages.buildPythonApplication {
     click
     prometheus-client
     watchdog
+    # The hydra-db extra: Hydra's PostgreSQL as a source ([hydra_db]).
+    psycopg
   ];
 
   # The test suite needs a writable Nix store and runs nix-build; run it with

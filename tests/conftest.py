@@ -69,3 +69,14 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "work"
     path.mkdir()
     yield path
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A scratch directory other users can reach (pytest's tmp_path is root's alone)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="hcb-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 OFFLINE = "substituters =\nbuilders =\n"
+
+
+@functools.cache
+def nix_version() -> tuple[int, ...]:
+    """The version of the nix-build on PATH, e.g. (2, 8, 0) or (2, 26, 3)."""
+    out = subprocess.run(
+        ["nix-build", "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if match is None:
+        raise RuntimeError(f"cannot read the Nix version from {out!r}")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def hook_gets_out_paths() -> bool:
+    """Whether this Nix fills the post-build-hook's OUT_PATHS (only 2.8.0 leaves it empty)."""
+    return nix_version() != (2, 8, 0)
 
 
 def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -56,6 +75,20 @@ def nix_expression(names: list[str], *, depends_on_first: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nix_build(
+    expr: Path, hook: Path | None, env: dict[str, str] | None
+) -> subprocess.CompletedProcess[str]:
+    args = ["nix-build", str(expr), "--no-out-link"]
+    if hook is not None:
+        args += ["--option", "post-build-hook", str(hook)]
+    done = subprocess.run(
+        args, capture_output=True, text=True, env=offline_env(env), check=False, timeout=300
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"nix-build failed: {done.stderr}")
+    return done
+
+
 def build(
     directory: Path,
     count: int = 1,
@@ -70,15 +103,7 @@ def build(
     names = [f"{prefix}-{nonce}-{i}" for i in range(count)]
     expr = directory / f"{prefix}-{nonce}.nix"
     expr.write_text(nix_expression(names, depends_on_first=depends_on_first))
-    args = ["nix-build", str(expr), "--no-out-link"]
-    if hook is not None:
-        args += ["--option", "post-build-hook", str(hook)]
-    done = subprocess.run(
-        args, capture_output=True, text=True, env=offline_env(env), check=False, timeout=300
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"nix-build failed: {done.stderr}")
-    outs = done.stdout.split()
+    outs = _nix_build(expr, hook, env).stdout.split()
     result = []
     for name, out in zip(names, outs, strict=True):
         drv = subprocess.run(
@@ -86,6 +111,48 @@ def build(
         ).stdout.strip()
         result.append(Built(name, drv, out))
     return result
+
+
+@dataclass(frozen=True)
+class MultiOutput:
+    """A built derivation with two outputs, `out` and `dev`."""
+
+    drv: str
+    out: str
+    dev: str
+
+
+def build_multi_output(
+    directory: Path, *, hook: Path | None = None, env: dict[str, str] | None = None
+) -> MultiOutput:
+    """Build one new derivation with outputs out and dev (optionally with a post-build-hook)."""
+    name = f"hcb-multi-{uuid.uuid4().hex[:12]}"
+    expr = directory / f"{name}.nix"
+    expr.write_text(
+        "derivation {\n"
+        f'  name = "{name}";\n'
+        "  system = builtins.currentSystem;\n"
+        '  builder = "/bin/sh";\n'
+        '  outputs = [ "out" "dev" ];\n'
+        '  args = [ "-c" "echo out > $out; echo dev > $dev" ];\n'
+        "}\n"
+    )
+    _nix_build(expr, hook, env)
+    query = subprocess.run(
+        ["nix-instantiate", str(expr)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=offline_env(env),
+        timeout=120,
+    )
+    drv = query.stdout.strip()
+    outputs = subprocess.run(
+        ["nix-store", "--query", "--outputs", drv], capture_output=True, text=True, check=True
+    ).stdout.split()
+    dev = next(p for p in outputs if p.endswith("-dev"))
+    out = next(p for p in outputs if not p.endswith("-dev"))
+    return MultiOutput(drv, out, dev)
 
 
 def narinfo(cache_dir: Path, built: Built) -> Path:

@@ -23,7 +23,7 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.matching import IGNORE_REASONS
 from bridge.queue import STATES
 from bridge.worker import SKIP_REASONS
-from exporter.metrics import BridgeMetrics, QueueCollector
+from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 try:
     import yaml
@@ -264,6 +264,7 @@ def registry_samples() -> dict[str, list[dict[str, str]]]:
         log_sources=["/var/log/hydra/hook.log"],
     )
     registry.register(QueueCollector(lambda: ({}, {}), caches, STATES, time.time))
+    HydraDbMetrics(registry)  # registered when [hydra_db] is configured
     samples: dict[str, list[dict[str, str]]] = {}
     for family in registry.collect():
         for sample in family.samples:

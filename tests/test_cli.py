@@ -46,6 +46,7 @@ def test_every_subcommand_has_help() -> None:
         "status",
         "retry",
         "check-config",
+        "init",
         "demo",
     ):
         done = run(command, "--help")
@@ -166,7 +167,7 @@ def test_check_config_reports_every_problem_with_file_and_key(
 
 
 def test_check_config_prints_effective_config_without_secrets(
-    tmp_path: Path, write_config: Callable[..., Path]
+    tmp_path: Path, write_config: Callable[..., Path], fake_cachix: Path
 ) -> None:
     token = tmp_path / "token"
     token.write_text("s3cr3t-token-value\n")
@@ -180,6 +181,57 @@ def test_check_config_prints_effective_config_without_secrets(
     assert "readable; content not shown" in done.stdout
     assert "https://user:***@cache.example/" in done.stdout
     assert "[caches.team]" in done.stdout and "workers = 4" in done.stdout
+
+
+def test_check_config_fails_when_the_config_cannot_work_here(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    config = write_config(
+        f'[caches.team]\nbackend = "cachix"\nexecutable = "{tmp_path}/no-cachix"\n'
+        f'auth_token_file = "{tmp_path}/missing-token"\n'
+        f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{tmp_path}/cache"\n'
+    )
+    done = run("check-config", "--config", str(config))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"{config}:caches.team.auth_token_file: cannot read secret file "
+        f"{tmp_path}/missing-token: No such file or directory",
+        f"{config}:caches.team.executable: {tmp_path}/no-cachix does not exist or is not a file",
+    ]
+    # --offline checks the file alone (for build-time checks such as the NixOS module's).
+    offline = run("check-config", "--offline", "--config", str(config))
+    assert offline.returncode == 0, offline.stderr
+    assert "[caches.team]" in offline.stdout and "NOT READABLE" in offline.stdout
+
+
+def test_check_config_rejects_signing_key_on_a_store_that_does_not_sign(
+    write_config: Callable[..., Path],
+) -> None:
+    config = write_config(
+        '[caches.mirror]\nbackend = "nix-copy"\nuri = "ssh-ng://builder"\n'
+        'signing_key_file = "/etc/nix/mirror.key"\n'
+    )
+    for args in ([], ["--offline"]):
+        done = run("check-config", *args, "--config", str(config))
+        assert done.returncode == 1 and done.stdout == ""
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"{config}:caches.mirror.signing_key_file: Nix signs only when")
+
+
+def test_check_config_warns_about_literal_stars(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    config = write_config(
+        f'[caches.c]\nbackend = "nix-copy"\nuri = "file://{tmp_path}/cache"\n'
+        "[[rules]]\ncaches = ['c']\njobs = ['proj:release-*']\n"
+    )
+    done = run("check-config", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{config}:rules[0].jobs: warning: pattern 'proj:release-*': 'release-*' is matched "
+        "literally, as Hydra does ('*' is a wildcard only as a whole part)"
+    ]
+    assert 'jobs = ["proj:release-*:*"]' in done.stdout
 
 
 def test_status_and_retry(tmp_path: Path, write_config: Callable[..., Path]) -> None:

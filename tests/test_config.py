@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from bridge.config import (
     CONFIG_ENV,
@@ -26,6 +32,8 @@ from bridge.config import (
     parse_config,
 )
 from bridge.events import SOURCES
+from bridge.preflight import check_host
+from bridge.render import render_config
 
 EXAMPLE = """\
 state_dir = "/var/lib/hydra-cachix-bridge"
@@ -496,6 +504,76 @@ class TestErrors:
         assert problem.startswith(f"{path}:{key}: "), problem
         assert message in problem
 
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "ssh://builder",
+            "ssh-ng://builder?compress=true",
+            "local",
+            "daemon",
+            "auto",
+            "unix:///nix/var/nix/daemon-socket/socket",
+            "/srv/other-store",
+            "local?root=/srv/root",
+        ],
+    )
+    def test_signing_key_on_a_store_that_does_not_sign(
+        self, write_config: Writer, uri: str
+    ) -> None:
+        path = write_config(
+            f'[caches.mirror]\nbackend = "nix-copy"\nuri = "{uri}"\n'
+            'signing_key_file = "/run/keys/mirror.key"\n'
+        )
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:caches.mirror.signing_key_file: "), problem
+        assert "file://, s3://, http://, https://" in problem
+        assert "unsigned" in problem
+
+    def test_secret_key_in_the_uri_of_a_store_that_does_not_sign(
+        self, write_config: Writer
+    ) -> None:
+        path = write_config('[caches.m]\nbackend = "nix-copy"\nuri = "ssh-ng://h?secret-key=/k"\n')
+        assert only_problem(path).startswith(f"{path}:caches.m.uri: secret-key=: Nix signs only")
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "file:///srv/cache",
+            "file:///srv/cache?compression=zstd",
+            "s3://bucket?region=eu-west-1",
+            "http://cache.example",
+            "https://cache.example/upload",
+        ],
+    )
+    def test_signing_key_on_a_binary_cache_store(self, write_config: Writer, uri: str) -> None:
+        path = write_config(
+            f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\nsigning_key_file = "/k"\n'
+        )
+        assert load_config(path).caches["m"].signing_key_file == Path("/k")
+
+    def test_signing_key_for_cachix_is_fine(self, write_config: Writer) -> None:
+        path = write_config('[caches.c]\nbackend = "cachix"\nsigning_key_file = "/k"\n')
+        assert load_config(path).caches["c"].signing_key_file == Path("/k")
+
+    def test_literal_star_in_a_job_pattern_is_a_warning(self, write_config: Writer) -> None:
+        path = write_config(
+            MINIMAL_CACHE
+            + "[[rules]]\ncaches = ['c']\njobs = ['*:*:*', 'proj:release-*:*']\n"
+            + "[[rules]]\ncaches = ['c']\njobs = ['x*']\n"
+        )
+        config = load_config(path)
+        assert config.warnings == (
+            f"{path}:rules[0].jobs: warning: pattern 'proj:release-*:*': 'release-*' is matched "
+            "literally, as Hydra does ('*' is a wildcard only as a whole part)",
+            f"{path}:rules[1].jobs: warning: pattern 'x*': 'x*' is matched literally, as Hydra "
+            "does ('*' is a wildcard only as a whole part)",
+        )
+        assert config.rules[0].jobs[1] == JobPattern("proj", "release-*", "*")
+
+    def test_no_warnings_for_plain_patterns(self, write_config: Writer) -> None:
+        path = write_config(MINIMAL_CACHE + "[[rules]]\ncaches = ['c']\njobs = ['p:*:*', '']\n")
+        assert load_config(path).warnings == ()
+
     def test_no_cache_at_all(self, write_config: Writer) -> None:
         path = write_config("")
         assert only_problem(path) == f"{path}:caches: at least one [caches.NAME] table is required"
@@ -510,7 +588,7 @@ class TestErrors:
             ("caches = []\n", "rules[0].caches", "is required"),
             ("jobs = ['a:b']\n", "rules[0].caches", "is required"),
             ("caches = ['c']\njobs = ['a:b:c:d']\n", "rules[0].jobs", "invalid job pattern"),
-            ("caches = ['c']\njobs = ['']\n", "rules[0].jobs", "invalid job pattern"),
+            ("caches = ['c']\njobs = [':::x']\n", "rules[0].jobs", "invalid job pattern"),
             ("caches = ['c']\njobs = 'a:b:c'\n", "rules[0].jobs", "must be a list"),
             ("caches = ['c']\nsources = ['cron']\n", "rules[0].sources", "unknown source 'cron'"),
             (
@@ -591,10 +669,35 @@ class TestJobPattern:
     def test_fewer_parts_mean_star(self, text: str, expected: tuple[str, str, str]) -> None:
         assert JobPattern.parse(text) == JobPattern(*expected)
 
-    @pytest.mark.parametrize("text", ["a:b:c:d", "a:b:c:", "::::", ""])
+    @pytest.mark.parametrize("text", ["a:b:c:d", "a:b:c:d:", ":::x", "a::::e"])
     def test_invalid(self, text: str) -> None:
         with pytest.raises(ValueError, match="invalid job pattern"):
             JobPattern.parse(text)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # Perl's split /:/ drops trailing empty fields, as Hydra parses patterns.
+            ("", ("*", "*", "*")),
+            ("::", ("*", "*", "*")),
+            ("::::", ("*", "*", "*")),
+            ("proj:", ("proj", "*", "*")),
+            ("proj:main:simple:", ("proj", "main", "simple")),
+            ("a:b:c:", ("a", "b", "c")),
+            # An empty field before a non-empty one stays: it must equal "".
+            ("proj::simple", ("proj", "", "simple")),
+            (":main:simple", ("", "main", "simple")),
+        ],
+    )
+    def test_empty_fields_as_hydra_splits_them(
+        self, text: str, expected: tuple[str, str, str]
+    ) -> None:
+        assert JobPattern.parse(text) == JobPattern(*expected)
+
+    def test_literal_stars(self) -> None:
+        assert JobPattern.parse("*:release-*:*").literal_stars() == ("release-*",)
+        assert JobPattern.parse("*:*:*").literal_stars() == ()
+        assert JobPattern.parse("a*:**:x*y").literal_stars() == ("a*", "**", "x*y")
 
     def test_star_matches_anything(self) -> None:
         pattern = JobPattern.parse("*:*:*")
@@ -635,3 +738,273 @@ class TestJobPattern:
 def test_toml_example_is_valid_toml() -> None:
     # Sanity: the example from the issue is itself valid TOML with two rules.
     assert len(tomllib.loads(EXAMPLE)["rules"]) == 2
+
+
+# --------------------------------------------------------------------------- any input at all
+
+KEYS = {
+    "": ["state_dir", "spool_dir", "log_level", "retention_days", "log_poll_seconds"],
+    "push": list(vars(PushSettings())),
+    "spool": list(vars(SpoolSettings())),
+    "metrics": list(vars(MetricsSettings())),
+    "cache": [f.name for f in dataclasses.fields(CacheConfig) if f.name != "name"],
+    "rule": ["caches", "jobs", "sources", "build_statuses", "exclude"],
+    "log_source": ["path", "resolve_derivations"],
+}
+ODD_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+PLAUSIBLE = st.sampled_from(
+    [
+        "nix-copy",
+        "cachix",
+        "file:///tmp/hcb-c",
+        "ssh-ng://h",
+        "hydra",
+        "hook",
+        "info",
+        "*:*:*",
+        "p::j",
+        "c",
+        "/k",
+        "k",
+        "",
+        ".",
+        "\0",
+        "a\nb",
+    ]
+)
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.sampled_from([0, 1, 2, 65535, 65536, 10**9, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    ODD_TEXT,
+    PLAUSIBLE,
+    st.datetimes(timezones=st.none() | st.just(datetime.UTC)),
+    st.dates(),
+    st.times(),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ODD_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def table(kind: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(KEYS[kind]) | ODD_TEXT, VALUES, max_size=6)
+
+
+CACHE_NAMES = st.sampled_from(["c", "mirror", "", "a.b", "x y", "\n"]) | ODD_TEXT
+SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        **{key: VALUES for key in KEYS[""]},
+        "push": table("push") | VALUES,
+        "spool": table("spool") | VALUES,
+        "metrics": table("metrics") | VALUES,
+        "caches": st.dictionaries(CACHE_NAMES, table("cache") | VALUES, max_size=3) | VALUES,
+        "rules": st.lists(table("rule") | VALUES, max_size=3) | VALUES,
+        "log_sources": st.lists(table("log_source") | VALUES, max_size=2) | VALUES,
+    },
+)
+
+# Values of the right type, in and out of range, so that many documents are valid.
+NUMBERS = (
+    st.integers(min_value=-5, max_value=10**6)
+    | st.floats(min_value=-1, max_value=1e9)
+    | st.sampled_from([math.nan, math.inf, 2**40, 10**12, 0.05, 0.1])
+)
+PATHS = st.sampled_from(["state", "sub/dir", "/nonexistent/hcb", ".", "", "k"]) | ODD_TEXT
+NAMES = st.sampled_from(["c", "mirror"])
+TYPED: dict[str, st.SearchStrategy[Any]] = {
+    "state_dir": PATHS,
+    "spool_dir": PATHS,
+    "log_level": st.sampled_from(["debug", "info", "warning", "error", "trace"]),
+    "group_writable": st.booleans(),
+    "enabled": st.booleans(),
+    "per_jobset": st.booleans(),
+    "resolve_derivations": st.booleans(),
+    "listen_address": st.sampled_from(["127.0.0.1", "::1", "", "x"]),
+    "tls_cert_file": PATHS,
+    "tls_key_file": PATHS,
+    "backend": st.sampled_from(["nix-copy", "cachix", "other"]),
+    "uri": st.sampled_from(
+        ["file:///tmp/hcb-fuzz-cache", "file://", "s3://b", "ssh-ng://h", "local", "daemon"]
+    )
+    | ODD_TEXT,
+    "cachix_config": PATHS,
+    "auth_token_file": PATHS,
+    "signing_key_file": PATHS,
+    "hostname": ODD_TEXT,
+    "extra_args": st.lists(ODD_TEXT, max_size=3),
+    "executable": st.sampled_from(["/bin/true", "true", "nope", "/nope"]) | ODD_TEXT,
+    "caches": st.lists(NAMES, max_size=2),
+    "jobs": st.lists(st.text(alphabet="ab*:", max_size=8), max_size=3),
+    "sources": st.lists(st.sampled_from(["hydra", "hook", "log", "cron"]), max_size=3),
+    "build_statuses": st.lists(st.integers(min_value=-1, max_value=100), max_size=3),
+    "exclude": st.lists(ODD_TEXT, max_size=2),
+    "path": PATHS,
+}
+
+
+def typed_table(kind: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({}, optional={key: TYPED.get(key, NUMBERS) for key in KEYS[kind]})
+
+
+# Mostly in range: most of these documents are valid, so the config that comes out is used.
+SANE: dict[str, st.SearchStrategy[Any]] = {
+    **TYPED,
+    "state_dir": st.sampled_from(["state", "/tmp/hcb-fuzz-state"]),
+    "spool_dir": st.sampled_from(["spool", "state/spool"]),
+    "path": st.sampled_from(["log", "/var/log/x.log"]),
+    "backend": st.just("nix-copy"),
+    "uri": st.sampled_from(["file:///tmp/hcb-fuzz-cache", "s3://b", "ssh-ng://h", "local"]),
+    "executable": st.sampled_from(["/bin/true", "true", "nope"]),
+    "caches": st.just(["c"]),
+    "sources": st.just(["hydra", "hook"]),
+    "build_statuses": st.lists(st.integers(min_value=0, max_value=99), max_size=3),
+    "log_level": st.just("debug"),
+    "listen_address": st.just("::1"),
+}
+SANE_NUMBER = st.integers(min_value=1, max_value=600)
+
+
+def sane_table(kind: str, skip: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, Any]]:
+    keys = [k for k in KEYS[kind] if k not in skip]
+    return st.fixed_dictionaries({}, optional={k: SANE.get(k, SANE_NUMBER) for k in keys})
+
+
+SANE_DOCUMENTS = st.fixed_dictionaries(
+    {
+        "caches": st.fixed_dictionaries(
+            {
+                "c": sane_table("cache", ("cachix_config", "hostname", "auth_token_file")).map(
+                    lambda t: {**t, "backend": "nix-copy", "uri": t.get("uri", "file:///tmp/x")}
+                )
+            }
+        )
+    },
+    optional={
+        "state_dir": SANE["state_dir"],
+        "spool_dir": SANE["spool_dir"],
+        "push": sane_table("push"),
+        "spool": sane_table("spool", ("max_event_bytes",)),
+        "metrics": sane_table("metrics", ("tls_cert_file", "tls_key_file")),
+        "rules": st.lists(sane_table("rule"), max_size=2),
+        "log_sources": st.lists(sane_table("log_source"), max_size=2),
+    },
+)
+
+
+VALID_ISH = st.fixed_dictionaries(
+    {
+        "caches": st.dictionaries(
+            NAMES,
+            st.fixed_dictionaries({"backend": TYPED["backend"]}).flatmap(
+                lambda head: typed_table("cache").map(lambda rest: {**rest, **head})
+            ),
+            min_size=1,
+            max_size=2,
+        )
+    },
+    optional={
+        **{key: TYPED.get(key, NUMBERS) for key in KEYS[""]},
+        "push": typed_table("push"),
+        "spool": typed_table("spool"),
+        "metrics": typed_table("metrics"),
+        "rules": st.lists(typed_table("rule"), max_size=2),
+        "log_sources": st.lists(typed_table("log_source"), max_size=2),
+    },
+)
+DOCUMENTS = SANE_DOCUMENTS | VALID_ISH | SHAPED | st.dictionaries(ODD_TEXT, VALUES, max_size=5)
+
+
+def toml_string(text: str) -> str:
+    escaped = []
+    for char in text:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def toml_value(value: Any) -> str:
+    """A TOML rendering of value; tables are inline, so any nesting fits on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def toml_document(doc: dict[str, Any]) -> str:
+    return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in doc.items())
+
+
+def assert_clean_outcome(path: Path) -> None:
+    """load_config either gives a config everything downstream can use, or a clean error."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        event("clean error")
+        assert exc.problems
+        for problem in exc.problems:
+            assert problem.startswith(f"{path}:"), problem
+            assert "\n" not in problem and "Traceback" not in problem, problem
+        return
+    numbers = [*vars(config.push).values(), *vars(config.spool).values()]
+    numbers += [config.retention_days, config.log_poll_seconds, config.metrics.port]
+    assert all(math.isfinite(n) for n in numbers), numbers
+    event("valid config")
+    assert config.caches and all(config.caches)
+    # Everything a command does with a valid config must not trip over it either.
+    render_config(config)
+    check_host(config)
+    for cache in config.caches.values():
+        assert "\0" not in repr(cache)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=DOCUMENTS)
+def test_any_toml_document_gives_a_config_or_a_clean_error(doc: dict[str, Any]) -> None:
+    text = toml_document(doc)
+    assert tomllib.loads(text).keys() == doc.keys()  # the writer is sound
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "bridge.toml"
+        path.write_text(text, encoding="utf-8")
+        assert_clean_outcome(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(max_size=200)
+    | st.sampled_from([b"\xff\xfe", b'state_dir = "\xc3\x28"\n', b"\xef\xbb\xbfx = 1\n"])
+    | st.builds(lambda doc: toml_document(doc).encode("utf-8")[:-3], SHAPED)
+)
+def test_any_bytes_give_a_config_or_a_clean_error(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "bridge.toml"
+        path.write_bytes(data)
+        assert_clean_outcome(path)
+
+
+def test_not_utf8(write_config: Writer, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'state_dir = "/var/lib/caf\xe9"\n')
+    assert only_problem(path) == (f"{path}: not UTF-8 text (invalid continuation byte at byte 25)")

@@ -22,6 +22,11 @@ def test_there_are_nix_files() -> None:
         "nixos/module.nix",
         "nixos/package.nix",
         "nixos/tests/hydra-cachix-bridge.nix",
+        "nixos/integrations/hydra.nix",
+        "nixos/integrations/post-build-hook.nix",
+        "nixos/integrations/prometheus.nix",
+        "nixos/integrations/grafana.nix",
+        "tests/nixos-eval/eval.nix",
     } <= names
 
 

@@ -24,7 +24,7 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.matching import IGNORE_REASONS
 from bridge.queue import STATES
 from bridge.worker import SKIP_REASONS
-from exporter.metrics import BridgeMetrics, QueueCollector
+from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -173,6 +173,7 @@ def registry_metrics() -> dict[str, set[str]]:
             lambda: 1.0,
         )
     )
+    HydraDbMetrics(registry)  # registered when [hydra_db] is configured
     names: dict[str, set[str]] = {}
     for family in registry.collect():
         names.setdefault(family.name, set())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nixhelpers import build
+from nixhelpers import build, build_multi_output, hook_gets_out_paths, nix_version
 
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.hookscript import render_hook_script
@@ -321,6 +321,7 @@ class TestHostileValues:
         self.check(hook, layout, tmp_path, drv, outs)
 
 
+@pytest.mark.nix
 def test_real_nix_post_build_hook(
     nix_available: None, tmp_path: Path, workdir: Path, layout: SpoolLayout
 ) -> None:
@@ -329,6 +330,22 @@ def test_real_nix_post_build_hook(
     events = [parse_file(p) for p in incoming_files(layout)]
     mine = [e for e in events if e.drv_path == built.drv]
     assert len(mine) == 1, events
-    # Nix 2.8.0 passes an empty OUT_PATHS; later versions pass the real output.
-    assert mine[0].out_paths in ((), (built.out,))
+    # Only Nix 2.8.0 passes an empty OUT_PATHS (fixed in 2.8.1); the daemon then reads the
+    # outputs from the .drv. Every later version fills it.
+    expected = (built.out,) if hook_gets_out_paths() else ()
+    assert mine[0].out_paths == expected, nix_version()
     assert mine[0].source == "hook"
+
+
+@pytest.mark.nix
+def test_real_nix_post_build_hook_with_two_outputs(
+    nix_available: None, tmp_path: Path, workdir: Path, layout: SpoolLayout
+) -> None:
+    hook = make_hook(tmp_path, layout)
+    built = build_multi_output(workdir, hook=hook)
+    [event] = [e for e in map(parse_file, incoming_files(layout)) if e.drv_path == built.drv]
+    if hook_gets_out_paths():
+        # Space-separated, in the derivation's output order.
+        assert sorted(event.out_paths) == sorted((built.out, built.dev)), nix_version()
+    else:
+        assert event.out_paths == (), nix_version()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bridge.config import JobPattern, Rule
+from bridge.config import ConfigError, JobPattern, Rule, parse_config
 from bridge.events import Event
 from bridge.matching import IGNORE_REASONS, MatchResult, match_event
 
@@ -249,3 +254,145 @@ class TestNoOutputs:
             match_event(hydra(), [rule("c")]),
         ]
         assert [c.ignored_reason for c in cases] == list(IGNORE_REASONS)
+
+
+# --------------------------------------------------------------------------- Hydra's rules
+
+# What Hydra's RunCommand plugin does with `job = PATTERN` for build proj:main:simple
+# (NixOS/hydra subprojects/hydra/lib/Hydra/Plugin/RunCommand.pm, configSectionMatches:
+# `split /:/` drops trailing empty fields, more than three fields dies, a missing field is
+# "*", "*" matches anything, anything else must be `eq`). MATCH / NO / ERROR.
+MATCH, NO, ERROR = "match", "no match", "error"
+BUILD = ("proj", "main", "simple")
+HYDRA_TABLE: list[tuple[str, tuple[str, str, str], str]] = [
+    # The cases of the issue (REFERENCE §1, checked with Hydra's own Perl).
+    ("", BUILD, MATCH),
+    ("proj", BUILD, MATCH),
+    ("proj:", BUILD, MATCH),
+    ("proj::", BUILD, MATCH),
+    ("proj:main:", BUILD, MATCH),
+    ("::", BUILD, MATCH),
+    ("proj:main:simple:", BUILD, MATCH),
+    ("proj::simple", BUILD, NO),
+    ("a:b:c:d", BUILD, ERROR),
+    ("foo*", BUILD, NO),
+    # Wildcards are whole parts only.
+    ("*", BUILD, MATCH),
+    ("*:*", BUILD, MATCH),
+    ("*:*:*", BUILD, MATCH),
+    ("proj:*:simple", BUILD, MATCH),
+    ("*:main:*", BUILD, MATCH),
+    ("*:*:other", BUILD, NO),
+    ("pro*", BUILD, NO),
+    ("proj:ma*:*", BUILD, NO),
+    ("proj:main:simp*", BUILD, NO),
+    ("**:*:*", BUILD, NO),
+    ("foo*", ("foo*", "main", "simple"), MATCH),
+    ("proj:release-*", ("proj", "release-*", "simple"), MATCH),
+    ("proj:release-*", ("proj", "release-1", "simple"), NO),
+    # Not regular expressions, not globs, not case-insensitive, not trimmed.
+    (".*:.*:.*", BUILD, NO),
+    ("proj:main:s.*", BUILD, NO),
+    ("pro?", BUILD, NO),
+    ("[p]roj", BUILD, NO),
+    ("PROJ", BUILD, NO),
+    (" proj", BUILD, NO),
+    ("proj ", BUILD, NO),
+    # Exact parts.
+    ("proj:main", BUILD, MATCH),
+    ("proj:main:simple", BUILD, MATCH),
+    ("proj:other", BUILD, NO),
+    ("other", BUILD, NO),
+    ("proj:main:simple.x86_64-linux", BUILD, NO),
+    ("p:j:hello.x86_64-linux", ("p", "j", "hello.x86_64-linux"), MATCH),
+    # Empty fields: trailing ones vanish, inner and leading ones must equal "".
+    (":", BUILD, MATCH),
+    (":::", BUILD, MATCH),
+    ("::::", BUILD, MATCH),
+    ("proj:main:simple::", BUILD, MATCH),
+    ("proj:main:simple:::", BUILD, MATCH),
+    ("*:", BUILD, MATCH),
+    (":*", BUILD, NO),
+    (":main:simple", BUILD, NO),
+    (":main:simple", ("", "main", "simple"), MATCH),
+    ("::simple", BUILD, NO),
+    ("proj::", ("proj", "", "simple"), MATCH),
+    ("proj::simple", ("proj", "", "simple"), MATCH),
+    ("proj:main:", ("proj", "main", ""), MATCH),
+    # Four or more fields (after trailing empty ones are dropped) are an error.
+    ("proj:main:simple:extra", BUILD, ERROR),
+    ("proj:main:simple:extra:", BUILD, ERROR),
+    (":::x", BUILD, ERROR),
+    ("a::::e", BUILD, ERROR),
+    ("*:*:*:*", BUILD, ERROR),
+]
+
+
+def bridge_verdict(pattern: str, build: tuple[str, str, str]) -> str:
+    """What the bridge does with `jobs = [pattern]` for a Hydra event of `build`."""
+    try:
+        config = parse_config(
+            {
+                "caches": {"c": {"backend": "nix-copy", "uri": "file:///tmp/c"}},
+                "rules": [{"caches": ["c"], "jobs": [pattern]}],
+            },
+            "<table>",
+        )
+    except ConfigError as exc:
+        assert all(p.startswith("<table>:rules[0].jobs: invalid job pattern") for p in exc.problems)
+        return ERROR
+    project, jobset, job = build
+    result = match_event(hydra(OUT, project=project, jobset=jobset, job=job), config.rules)
+    return MATCH if result.matched else NO
+
+
+@pytest.mark.parametrize(("pattern", "build", "expected"), HYDRA_TABLE)
+def test_job_patterns_mean_what_they_mean_to_hydra(
+    pattern: str, build: tuple[str, str, str], expected: str
+) -> None:
+    assert bridge_verdict(pattern, build) == expected
+
+
+# The same rules in Perl, so that `split /:/` is Perl's own and not our reading of it.
+PERL_ORACLE = r"""
+use strict; use warnings; use JSON::PP;
+while (my $line = <STDIN>) {
+    my ($name, $project, $jobset, $job) = @{ decode_json($line) };
+    my @elems = split /:/, $name;
+    if (scalar(@elems) > 3) { print "error
+"; next; }
+    my @want = map { $elems[$_] // "*" } 0 .. 2;
+    my @got = ($project, $jobset, $job);
+    my $ok = 1;
+    for my $i (0 .. 2) { $ok = 0 if $want[$i] ne "*" && $got[$i] ne $want[$i]; }
+    print $ok ? "match
+" : "no match
+";
+}
+"""
+
+
+def perl_verdicts(cases: list[tuple[str, tuple[str, str, str]]]) -> list[str]:
+    perl = shutil.which("perl")
+    if perl is None:
+        pytest.skip("perl is not installed")
+    stdin = "".join(json.dumps([pattern, *build]) + "\n" for pattern, build in cases)
+    done = subprocess.run(
+        [perl, "-e", PERL_ORACLE], input=stdin, capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
+
+def test_the_table_is_what_perl_computes() -> None:
+    cases = [(pattern, build) for pattern, build, _ in HYDRA_TABLE]
+    assert perl_verdicts(cases) == [expected for _, _, expected in HYDRA_TABLE]
+
+
+PARTS = st.text(alphabet="ab*:. -", max_size=12)
+VALUES = st.sampled_from(["", "a", "b", "*", "a*", "ab", ".", " a", "a:b"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(PARTS, st.tuples(VALUES, VALUES, VALUES)), min_size=1, max_size=40))
+def test_random_patterns_agree_with_perl(cases: list[tuple[str, tuple[str, str, str]]]) -> None:
+    assert [bridge_verdict(p, b) for p, b in cases] == perl_verdicts(cases)

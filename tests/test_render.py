@@ -167,7 +167,11 @@ class TestRenderConfig:
         assert doc["caches"]["local"]["backend"] == "nix-copy"
         assert doc["caches"]["local"]["uri"] == f"file://{tmp_path / 'state' / 'binary-cache'}"
         assert doc["rules"] == [
-            {"caches": ["local"], "sources": ["hydra", "hook", "log"], "build_statuses": [0]}
+            {
+                "caches": ["local"],
+                "sources": ["hydra", "hook", "log", "hydra-db", "backfill"],
+                "build_statuses": [0],
+            }
         ]
 
     def test_source_file_is_named(self, config_file: Path) -> None:

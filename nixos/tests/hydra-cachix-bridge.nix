@@ -1,6 +1,8 @@
 # NixOS VM test (needs KVM): nix-build -A vmTest, or nix flake check.
 # A machine with the module: a derivation built with the post-build-hook, a Hydra
-# RunCommand payload enqueued as Hydra's user, both pushed to a file:// cache, metrics scraped.
+# RunCommand payload enqueued as Hydra's user, both pushed to a file:// cache (which the
+# module creates and makes writable under ProtectSystem=strict), metrics scraped.
+# tests/test_nixos_module.py evaluates the module without a VM.
 {
   name = "hydra-cachix-bridge";
 
@@ -26,14 +28,21 @@
           push.batch_size = 8;
         };
       };
-      systemd.tmpfiles.rules = [ "d /var/cache/nix-mirror 0770 hydra-cachix-bridge hydra -" ];
       environment.systemPackages = [ pkgs.curl ];
     };
 
-  testScript = ''
+  testScript =
+    { nodes, ... }:
+    ''
     import json
 
+    config = "${nodes.machine.services.hydra-cachix-bridge.configFile}"
     machine.wait_for_unit("hydra-cachix-bridge.service")
+    # The file:// cache directory: made by the module's tmpfiles rule, writable in the unit.
+    machine.succeed("test -d /var/cache/nix-mirror")
+    machine.succeed(
+        "systemctl show -P ReadWritePaths hydra-cachix-bridge | grep -q /var/cache/nix-mirror"
+    )
     machine.wait_until_succeeds("curl -sf http://127.0.0.1:10198/healthz")
 
     # A local build runs the post-build-hook, which drops an event into the spool.
@@ -61,9 +70,6 @@
         "outputs": [{"name": "out", "path": out2}], "products": [], "metrics": [],
     }
     machine.succeed(f"echo '{json.dumps(payload)}' > /tmp/payload.json && chmod 644 /tmp/payload.json")
-    config = machine.succeed(
-        "systemctl show -P ExecStart hydra-cachix-bridge | grep -o -- '--config [^ ;]*' | cut -d' ' -f2"
-    ).strip()
     machine.succeed(
         f"su -s /bin/sh hydra-queue-runner -c "
         f"'HYDRA_JSON=/tmp/payload.json hydra-cachix-bridge enqueue-hydra --config {config}'"

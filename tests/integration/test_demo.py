@@ -6,8 +6,12 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.integration.daemonproc import bridge
 from tests.nixhelpers import offline_env
+
+pytestmark = pytest.mark.nix
 
 
 def test_demo_pushes_everything_it_builds(tmp_path: Path) -> None:

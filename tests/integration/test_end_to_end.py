@@ -8,8 +8,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.daemonproc import DaemonProcess, bridge, wait_for, write_hook
 from tests.nixhelpers import build, hydra_payload, narinfo, offline_env
+
+pytestmark = pytest.mark.nix
 
 
 def test_hook_script_builds_arrive_in_file_cache(

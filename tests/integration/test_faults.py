@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
 from tests.nixhelpers import Built, build, hydra_payload, narinfo
 
@@ -212,6 +214,7 @@ def test_sigterm_past_grace_kills_the_push_and_leaves_it_pending(
     assert "cancelled at shutdown" in daemon.log()
 
 
+@pytest.mark.nix
 def test_garbage_collected_path_is_skipped_not_retried(
     daemon_factory: Callable[..., DaemonProcess],
     tmp_path: Path,

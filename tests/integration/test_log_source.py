@@ -6,8 +6,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.daemonproc import DaemonProcess, wait_for
 from tests.nixhelpers import build, narinfo
+
+pytestmark = pytest.mark.nix
 
 
 def test_log_follower_pushes_paths_and_keeps_its_offset_across_restart_and_rotation(

@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.daemonproc import DaemonProcess, enqueue_all, free_port, wait_for
 from tests.nixhelpers import build, narinfo
+from tests.pghelpers import HydraDatabase, hydra_db, postgres_server
 from tests.test_alert_rules import alert_expressions
 from tests.test_grafana_dashboard import dashboard_queries
 
@@ -27,6 +28,8 @@ OPT_IN_RULES = ROOT / "grafana" / "prometheus" / "hydra-cachix-bridge.no-events.
 # and only queries of this metric may come back empty.
 CACHE_UP = "hydra_cachix_bridge_cache_up"
 JOB = "hydra-cachix-bridge"
+
+__all__ = ["hydra_db", "postgres_server"]  # fixtures: the Hydra database source's panels
 
 
 def as_series_query(expr: str) -> str:
@@ -147,6 +150,7 @@ def test_every_panel_query_and_alert_expression_returns_data(
     tmp_path: Path,
     workdir: Path,
     fake_cachix: Path,
+    hydra_db: HydraDatabase,
 ) -> None:
     token = tmp_path / "token"
     token.write_text("tok\n")
@@ -157,12 +161,18 @@ def test_every_panel_query_and_alert_expression_returns_data(
     followed = tmp_path / "build.log"
     followed.write_text("")
     daemon = daemon_factory(
+        f'[hydra_db]\ndsn = "{hydra_db.bridge_dsn}"\npoll_seconds = 5\n'
         "[push]\nmax_attempts = 1\nbackoff_initial_seconds = 0.1\nbackoff_max_seconds = 0.2\n"
         f'[caches.team]\nbackend = "cachix"\nauth_token_file = "{token}"\n'
         f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{mirror}"\n',
         env={"FAKE_CACHIX_FAIL_PATHS": poison.name},
         extra_top=f'[[log_sources]]\npath = "{followed}"\n',
     )
+    # One build read from Hydra's database (a real PostgreSQL), so its panels have data.
+    from_db = hydra_db.queue_build(
+        hydra_db.jobset("proj", "main"), "db.x86_64-linux", first[0].drv, [("out", first[0].out)]
+    )
+    hydra_db.finish_build(from_db)
     server = prometheus_factory(daemon.port)
 
     enqueue_all(daemon, tmp_path, first, 1)

@@ -300,8 +300,8 @@ def test_relative_secret_names_resolve_through_credentials_directory(
     creds: Secrets,
 ) -> None:
     """`auth_token_file = "cachix-token"` is a systemd credential name: with
-    $CREDENTIALS_DIRECTORY set, the right token and key arrive; without it, check-config says
-    the name is relative (never the content)."""
+    $CREDENTIALS_DIRECTORY set, the right token and key arrive; without it, check-config fails
+    saying the name is relative (never the content)."""
     body = (
         '[caches.team]\nbackend = "cachix"\n'
         'auth_token_file = "cachix-token"\nsigning_key_file = "cachix-key"\n'
@@ -327,9 +327,17 @@ def test_relative_secret_names_resolve_through_credentials_directory(
     creds.assert_absent("check-config output", done.stdout)
     env = {k: v for k, v in daemon.env.items() if k != "CREDENTIALS_DIRECTORY"}
     done = bridge("check-config", "--config", str(daemon.config), env=env)
+    # Without $CREDENTIALS_DIRECTORY the config cannot work: exit 1, naming the key.
+    assert done.returncode == 1, done.stdout
+    assert f"{daemon.config}:caches.team.auth_token_file: " in done.stderr
+    assert "'cachix-token' is relative" in done.stderr
+    creds.assert_absent(
+        "check-config output without $CREDENTIALS_DIRECTORY", done.stdout + done.stderr
+    )
+    done = bridge("check-config", "--offline", "--config", str(daemon.config), env=env)
     assert done.returncode == 0, done.stderr
     assert "NOT READABLE" in done.stdout and "'cachix-token' is relative" in done.stdout
-    creds.assert_absent("check-config output without $CREDENTIALS_DIRECTORY", done.stdout)
+    creds.assert_absent("check-config --offline without $CREDENTIALS_DIRECTORY", done.stdout)
     check_everywhere(daemon, creds, tmp_path / "state")
 
 
