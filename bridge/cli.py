@@ -218,8 +218,10 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     import json
     import time
 
+    from bridge.quarantine import summarize
     from bridge.queue import Queue, QueueError
     from bridge.render import hydra_db_document, render_hydra_db, render_status, status_document
+    from bridge.spool import SpoolLayout
 
     config = _load(config_path)
     now = time.time()
@@ -242,14 +244,15 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
             for name in config.caches
         ]
     running = _daemon_running(config)
+    rejected = summarize(SpoolLayout(config.spool_dir))
     source = _hydra_db_status(config) if config.hydra_db is not None else None
     if as_json:
-        document = status_document(statuses, dead, now, running)
+        document = status_document(statuses, dead, now, running, quarantine=rejected)
         if config.hydra_db is not None:
             document["hydra_db"] = hydra_db_document(source, now)
         click.echo(json.dumps(document, indent=2))
     else:
-        click.echo(render_status(statuses, dead, now, running), nl=False)
+        click.echo(render_status(statuses, dead, now, running, quarantine=rejected), nl=False)
         if config.hydra_db is not None:
             click.echo("\n" + render_hydra_db(source, now, running), nl=False)
 
@@ -309,9 +312,20 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
         count = queue.retry_dead(None if retry_all else list(ids), time.time())
     finally:
         queue.close()
+    _log_retry(config, count, "all" if retry_all else ", ".join(f"#{i}" for i in ids))
     click.echo(f"{count} dead-lettered path(s) queued again")
     if ids and count < len(ids):
         _fail(f"{len(ids) - count} of the IDs given are not dead letters")
+
+
+def _log_retry(config: Config, count: int, which: str) -> None:
+    """One line in the journal too, so the log tells the retry beside the daemon's lines."""
+    from bridge.syslogline import syslog_line
+
+    syslog_line(
+        f"retry ({which}) by uid {os.getuid()}: {count} dead-lettered path(s) queued again"
+        f" in {config.database_path}"
+    )
 
 
 @main.command()

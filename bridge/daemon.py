@@ -22,6 +22,7 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.ingest import Ingestor
 from bridge.logfollow import LogFollower
 from bridge.matching import IGNORE_REASONS
+from bridge.quarantine import summarize
 from bridge.queue import STATES, Queue, QueueUnavailable
 from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
@@ -30,6 +31,7 @@ from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
 from bridge.worker import SKIP_REASONS, PushWorkers
 from exporter.http import MetricsServer
+from exporter.landing import LandingSnapshot, derive_cache_state, render_landing
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 ORPHAN_CHECK_SECONDS = 60.0
 TICK_SECONDS = 1.0
 DEFERRED_RECHECK_SECONDS = 1.0
+LANDING_DEAD_LETTERS = 20
 
 
 class DaemonError(Exception):
@@ -84,6 +87,7 @@ class Daemon:
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
+            log_sources=[str(source.path) for source in config.log_sources],
         )
         self.hydra_db_metrics: HydraDbMetrics | None = None
         if config.hydra_db is not None:
@@ -161,6 +165,7 @@ class Daemon:
                     version=__version__,
                     tls_cert_file=config.metrics.tls_cert_file,
                     tls_key_file=config.metrics.tls_key_file,
+                    landing=self.landing_page,
                 )
             except OSError as exc:
                 raise DaemonError(
@@ -190,6 +195,10 @@ class Daemon:
                 stats.recorded,
                 stats.quarantined,
             )
+            try:
+                self.ingestor.check_quarantine()
+            except Exception as exc:
+                log.error("cannot check quarantine/ for rejected events yet: %s", exc)
         self.workers.start()
         self._spawn(self._ingest_loop, "ingest")
         if config.log_sources:
@@ -304,6 +313,7 @@ class Daemon:
                 deferred += ingestor.ingest(created).deferred
                 if self.clock.monotonic() >= next_rescan:
                     deferred += ingestor.ingest(ingestor.scan()).deferred
+                    ingestor.check_quarantine()
                     next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
                 if deferred:
                     next_rescan = min(
@@ -332,8 +342,9 @@ class Daemon:
                         self.workers.wake()
                 except Exception:
                     log.exception("log follower pass failed; retrying")
-                for index, readable in enumerate(self.follower.readable()):
-                    self.metrics.log_sources_alive.labels(str(index)).set(int(readable))
+                sources = self.config.log_sources
+                for source, readable in zip(sources, self.follower.readable(), strict=True):
+                    self.metrics.log_sources_alive.labels(str(source.path)).set(int(readable))
                 self.stopping.wait(self.config.log_poll_seconds)
         finally:
             self.follower.close()
@@ -374,6 +385,30 @@ class Daemon:
         if dead and not self.stopping.is_set():
             problems.append(f"thread(s) stopped: {', '.join(dead)}")
         return problems
+
+    def landing_page(self) -> str:
+        """The live summary served at /."""
+        with self._scrape_lock:
+            queue = self._scrape_queue
+            statuses = queue.cache_statuses(self.config.caches) if queue is not None else []
+            dead = queue.dead_letters(LANDING_DEAD_LETTERS) if queue is not None else []
+        follower = self.follower
+        readable = (
+            follower.readable() if follower is not None else [False] * len(self.config.log_sources)
+        )
+        source = self.config.source_file
+        snapshot = LandingSnapshot(
+            statuses=statuses,
+            states={status.cache: derive_cache_state(status) for status in statuses},
+            dead=dead,
+            quarantine=summarize(self.layout),
+            log_sources=[
+                (str(s.path), ok) for s, ok in zip(self.config.log_sources, readable, strict=True)
+            ],
+            problems=self.health(),
+            config_file=str(source) if source is not None else None,
+        )
+        return render_landing(snapshot, __version__, self.clock.time())
 
     def _check_watch(self) -> None:
         assert self.watcher is not None

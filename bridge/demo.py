@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +20,11 @@ from bridge.daemon import Daemon, DaemonError
 from bridge.hookscript import render_hook_script
 from bridge.queue import Queue, QueueError
 from bridge.spool import SpoolLayout
+
+# Nix prints this line on stderr as each derivation starts building.
+_BUILDING = re.compile(r"^building '(/nix/store/[^']+\.drv)'")
+# While waiting, a progress line at least this often, so no step looks stuck.
+PROGRESS_SECONDS = 3.0
 
 
 class DemoError(Exception):
@@ -68,20 +76,117 @@ def hydra_payload(build_id: int, drv_path: str, out_path: str, now: int) -> dict
     }
 
 
-def _wait_pushed(config: Config, expected: int, timeout: float) -> dict[str, int]:
+def _done_counts(queue: Queue) -> dict[str, dict[str, int]]:
+    """Items per cache and state."""
+    counts: dict[str, dict[str, int]] = {}
+    for (cache, state), count in queue.counts().items():
+        counts.setdefault(cache, {})[state] = count
+    return counts
+
+
+def _finished(states: dict[str, int]) -> int:
+    return sum(states.get(state, 0) for state in ("pushed", "dead", "skipped"))
+
+
+def _wait_pushed(
+    config: Config,
+    baseline: dict[str, dict[str, int]],
+    expected: int,
+    timeout: float,
+    echo: Callable[[str], None],
+) -> dict[str, int]:
+    """Wait until this run's paths left the queue in every cache, printing progress."""
     queue = Queue(config.database_path)
     try:
         deadline = time.monotonic() + timeout
+        shown: dict[str, int] = {}
+        last_line = time.monotonic()
         while True:
-            counts: dict[str, int] = {}
-            for (_, state), count in queue.counts().items():
-                counts[state] = counts.get(state, 0) + count
-            done = counts.get("pushed", 0) + counts.get("dead", 0) + counts.get("skipped", 0)
-            if done >= expected and not counts.get("pending") and not counts.get("inflight"):
-                return counts
+            counts = _done_counts(queue)
+            busy = False
+            for cache in config.caches:
+                states = counts.get(cache, {})
+                done = _finished(states) - _finished(baseline.get(cache, {}))
+                if done < expected or states.get("pending") or states.get("inflight"):
+                    busy = True
+                quiet = time.monotonic() - last_line >= PROGRESS_SECONDS
+                if done != shown.get(cache) or (quiet and done < expected):
+                    shown[cache] = done
+                    last_line = time.monotonic()
+                    echo(f"pushing to {cache}: {min(done, expected)}/{expected} path(s) done")
+            if not busy:
+                total: dict[str, int] = {}
+                for states in counts.values():
+                    for state, count in states.items():
+                        total[state] = total.get(state, 0) + count
+                return total
             if time.monotonic() > deadline:
                 raise DemoError(f"not everything was pushed within {timeout:.0f}s: {counts}")
             time.sleep(0.1)
+    finally:
+        queue.close()
+
+
+def _build(
+    expr: Path, hook: Path, builds: int, timeout: float, echo: Callable[[str], None]
+) -> list[str]:
+    """nix-build the expression with the hook, printing each derivation as it starts."""
+    env = dict(os.environ, NIX_CONFIG=os.environ.get("NIX_CONFIG", "") + "\nsubstituters =")
+    command = ["nix-build", str(expr), "--no-out-link", "--option", "post-build-hook", str(hook)]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    timer = threading.Timer(timeout, _kill_group, args=(proc,))
+    timer.start()
+    tail: list[str] = []
+    started = 0
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            tail = [*tail[-40:], line.rstrip("\n")]
+            match = _BUILDING.match(line)
+            if match:
+                started += 1
+                name = match.group(1).split("-", 1)[1].removesuffix(".drv")
+                echo(f"building {started}/{builds}: {name}")
+        out = proc.stdout.read()
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    if code != 0:
+        raise DemoError(f"nix-build failed (exit {code}): " + "\n".join(tail)[-2000:])
+    return out.split()
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _command_name() -> str:
+    """How to run this program again, as the user started it (a venv's script, or -m)."""
+    script = Path(sys.executable).parent / "hydra-cachix-bridge"
+    if script.is_file() and os.access(script, os.X_OK):
+        try:
+            relative = script.relative_to(Path.cwd())
+        except ValueError:
+            return str(script)
+        return str(relative) if str(relative).startswith(".") else f"./{relative}"
+    found = shutil.which("hydra-cachix-bridge")
+    if found is not None:
+        return "hydra-cachix-bridge"
+    return f"{sys.executable} -m bridge"
+
+
+def _baseline(config: Config) -> dict[str, dict[str, int]]:
+    queue = Queue(config.database_path)
+    try:
+        return _done_counts(queue)
     finally:
         queue.close()
 
@@ -126,18 +231,9 @@ def run_demo(
         expr = work / f"demo-{nonce}.nix"
         expr.write_text(_nix_expression(nonce, builds))
         echo(f"building {builds + 1} derivations with the post-build-hook {hook} …")
-        env = dict(os.environ, NIX_CONFIG=os.environ.get("NIX_CONFIG", "") + "\nsubstituters =")
-        built = subprocess.run(
-            ["nix-build", str(expr), "--no-out-link", "--option", "post-build-hook", str(hook)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
-        if built.returncode != 0:
-            raise DemoError(f"nix-build failed: {built.stderr.strip()[-2000:]}")
-        out_paths = built.stdout.split()
+        baseline = _baseline(config)
+        out_paths = _build(expr, hook, builds + 1, timeout, echo)
+        echo(f"built {len(out_paths)} derivations; the hook recorded each in the spool")
         bundle = next(p for p in out_paths if p.endswith("-bundle"))
         drv = subprocess.run(
             ["nix-store", "--query", "--deriver", bundle],
@@ -161,7 +257,8 @@ def run_demo(
         enqueued = subprocess.run(command, capture_output=True, text=True, check=False)
         if enqueued.returncode != 0:
             raise DemoError(f"enqueue-hydra failed: {enqueued.stderr.strip()}")
-        counts = _wait_pushed(config, len(out_paths), timeout)
+        echo("recorded build 1 (demo:main:bundle.x86_64-linux); waiting for the pushes …")
+        counts = _wait_pushed(config, baseline, len(out_paths), timeout, echo)
     finally:
         stop.set()
         runner.join(timeout=60)
@@ -182,6 +279,8 @@ def run_demo(
     from_hook = value("events_received_total", source="hook")
     from_hydra = value("events_received_total", source="hydra")
     invocations = value("pushes_succeeded_total", cache="local", backend="nix-copy")
+    again = _command_name()
+    config_arg = f" --config {config_file}" if config_file is not None else ""
     return "\n".join(
         [
             "",
@@ -202,7 +301,7 @@ def run_demo(
             f"  state           {config.state_dir}",
             f"  took            {time.monotonic() - started:.1f}s",
             "",
-            "next: `hydra-cachix-bridge status`, or `hydra-cachix-bridge run` "
-            "to keep the daemon going",
+            f"next: `{again} status{config_arg}` shows the queue, "
+            f"`{again} run{config_arg}` keeps the daemon going",
         ]
     )

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from bridge.clock import Clock
 from bridge.config import Config
+from bridge.describe import describe_queued
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.intake import count_event
 from bridge.matching import match_event
+from bridge.quarantine import RejectionCounter
 from bridge.queue import Queue
 from bridge.spool import SpoolLayout, is_candidate, quarantine, read_event_file
 from bridge.store import NixStore, StoreQueryError
@@ -70,6 +72,12 @@ class Ingestor:
         self.metrics = metrics
         self.clock = clock
         self.on_enqueued = on_enqueued
+        self.rejections = RejectionCounter(
+            self.layout,
+            queue,
+            lambda reason: metrics.events_rejected.labels(reason).inc(),
+            clock.time,
+        )
 
     def scan(self) -> list[Path]:
         """Every candidate file currently in incoming/, oldest name first."""
@@ -79,6 +87,10 @@ class Ingestor:
         except FileNotFoundError:
             return []
         return [self.layout.incoming / name for name in names]
+
+    def check_quarantine(self) -> int:
+        """Count rejected files that producers put into quarantine/ since the last check."""
+        return self.rejections.check()
 
     def ingest(self, paths: Iterable[Path], *, writer_closed: bool = False) -> IngestStats:
         """Process files; those left unparsed and still settling are counted as deferred."""
@@ -201,12 +213,11 @@ class Ingestor:
                 stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
                 any_enqueued = True
             log.info(
-                "event %s from %s: %s, %d path(s) queued%s",
+                "event %s from %s%s: %s",
                 printable(item.path.name),
                 item.event.source,
-                item.outcome,
-                sum(enqueued.values()),
                 _describe_origin(item.event),
+                describe_queued(enqueued, item.outcome, len(item.event.out_paths)),
             )
         if any_enqueued:
             self.on_enqueued()
@@ -229,7 +240,8 @@ class Ingestor:
             )
             return
         stats.quarantined += 1
-        self.metrics.events_rejected.labels(reason).inc()
+        if self.rejections.claim(target, reason):
+            self.metrics.events_rejected.labels(reason).inc()
         log.warning(
             "quarantined %s as %s: %s (%s)",
             printable(path.name),

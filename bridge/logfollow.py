@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from bridge.clock import Clock
 from bridge.config import Config, LogSource
+from bridge.describe import describe_queued
 from bridge.events import Event
 from bridge.matching import match_event
 from bridge.queue import LogOffset, Queue
@@ -31,6 +32,8 @@ class _Follow:
     inode: int = 0
     offset: int = 0
     fingerprint: bytes = b""
+    unreadable_since: float | None = None
+    """Set while the file cannot be opened, so that is logged once, not every poll."""
 
     @property
     def position(self) -> LogOffset:
@@ -99,8 +102,17 @@ class LogFollower:
         path = str(follow.source.path)
         try:
             handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
+        except OSError as exc:
+            if follow.unreadable_since is None:
+                follow.unreadable_since = self.clock.time()
+                log.warning(
+                    "cannot read log source %s: %s; trying again every %gs",
+                    path,
+                    exc.strerror,
+                    self.config.log_poll_seconds,
+                )
             return False
+        follow.unreadable_since = None
         info = os.fstat(handle)
         follow.handle, follow.device, follow.inode = handle, info.st_dev, info.st_ino
         saved = self.queue.log_offset(path)
@@ -205,7 +217,15 @@ class LogFollower:
                         or {}
                     )
                 self.queue.save_log_offset(str(follow.source.path), follow.position, now)
-            if paths and self.count_event is not None:
-                self.count_event(event, result.ignored_reason or "matched", enqueued)
+            if paths:
+                outcome = result.ignored_reason or "matched"
+                if self.count_event is not None:
+                    self.count_event(event, outcome, enqueued)
+                log.info(
+                    "log %s: %d store path(s): %s",
+                    follow.source.path,
+                    len(paths),
+                    describe_queued(enqueued, outcome, len(paths)),
+                )
             for cache, count in enqueued.items():
                 queued[cache] = queued.get(cache, 0) + count

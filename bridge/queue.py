@@ -83,6 +83,13 @@ CREATE TABLE IF NOT EXISTS cache_status (
     last_failure_at REAL,
     last_error TEXT
 );
+-- The spool's quarantine/ .reason files already counted in events_rejected_total, so
+-- each rejected file is counted once across daemon restarts.
+CREATE TABLE IF NOT EXISTS quarantine_counted (
+    name TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    counted_at REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log_offsets (
     path TEXT PRIMARY KEY,
     device INTEGER NOT NULL,
@@ -501,6 +508,26 @@ class Queue:
                 (before,),
             )
         return removed
+
+    # -- quarantine -----------------------------------------------------------------------
+
+    def quarantine_counted(self) -> set[str]:
+        """Names of the quarantine .reason files already counted."""
+        return {row[0] for row in self.conn.execute("SELECT name FROM quarantine_counted")}
+
+    def mark_quarantine_counted(self, name: str, reason: str, now: float) -> bool:
+        """Remember a .reason file as counted (call inside transaction()); False if it was."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO quarantine_counted (name, reason, counted_at) VALUES (?, ?, ?)",
+            (name, reason, now),
+        )
+        return cur.rowcount > 0
+
+    def forget_quarantine_counted(self, names: Iterable[str]) -> None:
+        """Forget files no longer in quarantine (call inside transaction())."""
+        self.conn.executemany(
+            "DELETE FROM quarantine_counted WHERE name = ?", ((name,) for name in names)
+        )
 
     # -- log follower ---------------------------------------------------------------------
 

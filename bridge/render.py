@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from bridge.config import Config
 from bridge.hydrastate import SourceStatus
+from bridge.quarantine import QuarantineSummary
 from bridge.queue import CacheStatus, DeadLetter
 from bridge.secrets import SecretError, read_secret
 
@@ -153,10 +154,15 @@ def _age(now: float, then: float | None) -> str:
 
 
 def status_document(
-    statuses: Sequence[CacheStatus], dead: Sequence[DeadLetter], now: float, daemon_running: bool
+    statuses: Sequence[CacheStatus],
+    dead: Sequence[DeadLetter],
+    now: float,
+    daemon_running: bool,
+    *,
+    quarantine: QuarantineSummary | None = None,
 ) -> dict[str, Any]:
     """The status as a JSON-ready document."""
-    return {
+    document = {
         "daemon_running": daemon_running,
         "time": now,
         "caches": [
@@ -185,10 +191,32 @@ def status_document(
             for d in dead
         ],
     }
+    if quarantine is not None:
+        document["quarantine"] = {
+            "directory": str(quarantine.directory),
+            "count": quarantine.count,
+            "error": quarantine.error,
+            "newest": [
+                {
+                    "file": q.file,
+                    "quarantined_as": q.quarantined_as,
+                    "reason": q.reason,
+                    "message": q.message,
+                    "quarantined_at": q.quarantined_at,
+                }
+                for q in quarantine.newest
+            ],
+        }
+    return document
 
 
 def render_status(
-    statuses: Sequence[CacheStatus], dead: Sequence[DeadLetter], now: float, daemon_running: bool
+    statuses: Sequence[CacheStatus],
+    dead: Sequence[DeadLetter],
+    now: float,
+    daemon_running: bool,
+    *,
+    quarantine: QuarantineSummary | None = None,
 ) -> str:
     """The status as a table for people."""
     lines = [f"daemon: {'running' if daemon_running else 'not running'}", ""]
@@ -239,7 +267,32 @@ def render_status(
                 f"  #{d.id} {d.cache} {d.path} ({d.attempts} attempts, "
                 f"{_age(now, d.updated_at)}): {d.reason}: {d.error}"
             )
+    if quarantine is not None:
+        lines += _render_quarantine(quarantine, now)
     return "\n".join(lines) + "\n"
+
+
+def _render_quarantine(quarantine: QuarantineSummary, now: float) -> list[str]:
+    if quarantine.error is not None:
+        return ["", f"quarantine {quarantine.directory}: {quarantine.error}"]
+    if not quarantine.count:
+        return ["", f"quarantine: empty ({quarantine.directory})"]
+    lines = [
+        "",
+        f"quarantine: {quarantine.count} rejected event file(s) in {quarantine.directory}"
+        " (each with a .reason file; delete them once handled); newest:",
+    ]
+    for q in quarantine.newest:
+        lines.append(
+            f"  {_printable(q.quarantined_as)} ({_age(now, q.quarantined_at)}): "
+            f"{q.reason}: {_printable(q.message)}"
+        )
+    return lines
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped, so a file name cannot forge terminal lines."""
+    return repr(text)[1:-1]
 
 
 def _when(stamp: float | None) -> str:

@@ -14,6 +14,7 @@ from typing import TypeVar
 from bridge.backends import Backend, PushOutcome
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
+from bridge.describe import first_paths, next_try
 from bridge.queue import Item, Queue
 from bridge.retrying import FailureBackoff
 from bridge.store import NixStore, StoreQueryError
@@ -368,14 +369,18 @@ class PushWorkers:
         m.retries.labels(cache).inc(len(items) - len(dead))
         m.dead_letters.labels(cache).inc(len(dead))
         split = f", split into {len(halves)} batches" if len(halves) > 1 else ""
+        # Operator visibility (issue 12): name the first paths and when the next try is.
+        retrying = len(dead) < len(items)
         log.warning(
-            "push of %d path(s) to %s failed (%s, attempt %d%s): %s",
+            "push of %d path(s) to %s failed (%s, attempt %d%s): %s; paths: %s%s",
             len(items),
             cache,
             reason,
             attempts,
             split,
             error,
+            first_paths([item.path for item in items]),
+            f"; {next_try(min(at for _, at in groups), now)}" if retrying else "",
         )
         for item in dead:
             log.error(

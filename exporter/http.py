@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import ssl
 import threading
 from collections.abc import Callable
@@ -11,8 +12,14 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from exporter.metrics import without_created
+
+log = logging.getLogger(__name__)
+
 HealthCheck = Callable[[], list[str]]
 """Returns the list of problems; empty means healthy."""
+LandingPage = Callable[[], str]
+"""Renders the landing page's HTML at request time."""
 
 
 class MetricsServer:
@@ -28,8 +35,9 @@ class MetricsServer:
         version: str,
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
+        landing: LandingPage | None = None,
     ) -> None:
-        handler = _make_handler(registry, health, version)
+        handler = _make_handler(registry, health, version, landing)
         self.server = ThreadingHTTPServer((address, port), handler)
         self.server.daemon_threads = True
         if tls_cert_file is not None and tls_key_file is not None:
@@ -58,8 +66,9 @@ class MetricsServer:
 
 
 def _make_handler(
-    registry: CollectorRegistry, health: HealthCheck, version: str
+    registry: CollectorRegistry, health: HealthCheck, version: str, page: LandingPage | None
 ) -> type[BaseHTTPRequestHandler]:
+    exposed = without_created(registry)
     landing = (
         "<!doctype html><html><head><title>hydra-cachix-bridge</title></head><body>"
         f"<h1>hydra-cachix-bridge {html.escape(version)}</h1>"
@@ -81,15 +90,28 @@ def _make_handler(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(exposed))
             elif path == "/healthz":
                 problems = health()
                 body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
                 self._send(503 if problems else 200, "text/plain; charset=utf-8", body)
             elif path == "/":
-                self._send(200, "text/html; charset=utf-8", landing)
+                self._landing()
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _landing(self) -> None:
+            if page is None:
+                self._send(200, "text/html; charset=utf-8", landing)
+                return
+            try:
+                body = page().encode("utf-8", errors="backslashreplace")
+            except Exception as exc:
+                log.exception("rendering the landing page failed")
+                text = f"cannot render the summary: {type(exc).__name__} (see the log)\n"
+                self._send(500, "text/plain; charset=utf-8", text.encode())
+                return
+            self._send(200, "text/html; charset=utf-8", body)
 
         do_HEAD = do_GET
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "hydra_cachix_bridge"
@@ -29,6 +29,7 @@ class BridgeMetrics:
         failure_reasons: Sequence[str],
         skip_reasons: Sequence[str],
         per_jobset: bool = False,
+        log_sources: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self.per_jobset = per_jobset
@@ -157,9 +158,11 @@ class BridgeMetrics:
         self.log_sources_alive = Gauge(
             f"{PREFIX}_log_source_readable",
             "1 while a configured log file can be read",
-            ["index"],
+            ["path"],
             registry=r,
         )
+        for path in log_sources:
+            self.log_sources_alive.labels(path)
 
         for source in sources:
             self.events_received.labels(source)
@@ -203,6 +206,35 @@ class BridgeMetrics:
                 self.paths_pushed.labels(cache, *key).inc(count)
             else:
                 self.paths_failed.labels(cache, reason, *key).inc(count)
+
+
+class _WithoutCreated(Collector):
+    """Another registry's metrics without the `_created` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        """Copy each family, leaving out its `_created` samples."""
+        for family in self.registry.collect():
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield copy
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing to describe ahead of collection."""
+        return []
+
+
+def without_created(registry: CollectorRegistry) -> CollectorRegistry:
+    """A registry exposing registry's metrics minus the `_created` series.
+
+    The client's own switch (disable_created_metrics) is process-global; this leaves other
+    registries in the process, and the injected registry that tests read, untouched.
+    """
+    exposed = CollectorRegistry(auto_describe=False)
+    exposed.register(_WithoutCreated(registry))
+    return exposed
 
 
 class QueueCollector(Collector):

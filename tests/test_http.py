@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from bridge.queue import CacheStatus, DeadLetter
 from exporter.http import MetricsServer
+from exporter.landing import LandingSnapshot, derive_cache_state, render_landing
 
 
 @pytest.fixture
@@ -112,3 +114,62 @@ def test_tls(tmp_path: Path, registry: CollectorRegistry) -> None:
             urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/metrics", timeout=5)
     finally:
         srv.stop()
+
+
+def test_metrics_endpoint_serves_no_created_series(server: MetricsServer) -> None:
+    _, _, body = get(f"http://127.0.0.1:{server.port}/metrics")
+    assert "hydra_cachix_bridge_test_total 3.0" in body and "_created" not in body
+
+
+def test_landing_page_is_rendered_at_request_time_and_a_failure_is_500(
+    registry: CollectorRegistry,
+) -> None:
+    pages = iter(["<p>first</p>", "<p>second</p>"])
+
+    def page() -> str:
+        try:
+            return next(pages)
+        except StopIteration:
+            raise RuntimeError("database gone") from None
+
+    srv = MetricsServer(registry, list, address="127.0.0.1", port=0, version="1", landing=page)
+    srv.start()
+    try:
+        url = f"http://127.0.0.1:{srv.port}/"
+        assert get(url)[2] == "<p>first</p>" and get(url)[2] == "<p>second</p>"
+        status, kind, body = get(url)
+        assert status == 500 and kind.startswith("text/plain") and "RuntimeError" in body
+    finally:
+        srv.stop()
+
+
+def test_landing_summary_shows_a_down_cache_and_escapes_everything() -> None:
+    status = CacheStatus(
+        "<team>",
+        {"pending": 4, "inflight": 1, "pushed": 7, "skipped": 0, "dead": 2},
+        1000.0,
+        900.0,
+        1100.0,
+        "push failed: https://user:hunter2@cache.example/x <script>",
+    )
+    dead = DeadLetter(5, "<team>", "/nix/store/abc-<x>", 8, 1090.0, "exit_status", "boom & co")
+    snapshot = LandingSnapshot(
+        statuses=[status],
+        states={"<team>": derive_cache_state(status)},
+        dead=[dead],
+        quarantine=None,
+        log_sources=[("/var/log/<hook>.log", True)],
+        problems=["spool watch on /x is not alive"],
+        config_file="/etc/hcb & co.toml",
+    )
+    html = render_landing(snapshot, "1<2", now=1200.0)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "hunter2" not in html and "user:***@cache.example" in html
+    assert 'class="down">down</span> since' in html and "the last push failed" in html
+    assert "&lt;team&gt;" in html and "/nix/store/abc-&lt;x&gt;" in html
+    assert "boom &amp; co" in html and "1&lt;2" in html
+    assert "retry --config /etc/hcb &amp; co.toml --all" in html
+    assert "2 path(s) exhausted their attempts" in html
+    assert "spool watch on /x is not alive" in html
+    assert '/var/log/&lt;hook&gt;.log</code>: <span class="up">readable' in html
+    assert "3m 20s" in html  # oldest pending age

@@ -16,10 +16,16 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.matching import IGNORE_REASONS
 from bridge.queue import STATES, Queue
 from bridge.worker import SKIP_REASONS
-from exporter.metrics import PREFIX, UPLOAD_BUCKETS, BridgeMetrics, QueueCollector
+from exporter.metrics import (
+    PREFIX,
+    UPLOAD_BUCKETS,
+    BridgeMetrics,
+    QueueCollector,
+    without_created,
+)
 
 CACHES = {"team": "cachix", "mirror": "nix-copy"}
-ALLOWED_LABELS = {"cache", "backend", "source", "reason", "state", "le", "version", "index"}
+ALLOWED_LABELS = {"cache", "backend", "source", "reason", "state", "le", "version", "path"}
 
 
 def make(registry: CollectorRegistry, per_jobset: bool = False) -> BridgeMetrics:
@@ -154,3 +160,33 @@ def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_log_source_gauge_is_labelled_by_configured_path() -> None:
+    registry = CollectorRegistry()
+    metrics = BridgeMetrics(
+        registry,
+        version="1",
+        caches=CACHES,
+        sources=SOURCES,
+        reject_reasons=REJECT_REASONS,
+        ignore_reasons=IGNORE_REASONS,
+        failure_reasons=FAILURE_REASONS,
+        skip_reasons=SKIP_REASONS,
+        log_sources=["/var/log/hydra/hook.log"],
+    )
+    name = f"{PREFIX}_log_source_readable"
+    assert registry.get_sample_value(name, {"path": "/var/log/hydra/hook.log"}) == 0
+    metrics.log_sources_alive.labels("/var/log/hydra/hook.log").set(1)
+    assert registry.get_sample_value(name, {"path": "/var/log/hydra/hook.log"}) == 1
+
+
+def test_exposition_has_no_created_series_and_leaves_the_registry_alone() -> None:
+    registry = CollectorRegistry()
+    make(registry).paths_pushed.labels("team").inc(2)
+    text = generate_latest(without_created(registry)).decode()
+    assert "_created" not in text
+    assert 'hydra_cachix_bridge_paths_pushed_total{cache="team"} 2.0' in text
+    assert "# TYPE hydra_cachix_bridge_push_duration_seconds histogram" in text
+    # The client's process-global switch is not touched: other registries keep theirs.
+    assert "_created" in generate_latest(registry).decode()

@@ -17,12 +17,19 @@ import pytest
 
 from tests.integration.daemonproc import DaemonProcess, enqueue_all, free_port, wait_for
 from tests.nixhelpers import build, narinfo
+from tests.pghelpers import HydraDatabase, hydra_db, postgres_server
 from tests.test_alert_rules import alert_expressions
 from tests.test_grafana_dashboard import dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "grafana" / "prometheus" / "hydra-cachix-bridge.rules.yaml"
+OPT_IN_RULES = ROOT / "grafana" / "prometheus" / "hydra-cachix-bridge.no-events.rules.yaml"
+# Added by issue 12's cache outage change; until it is merged the bridge does not expose it,
+# and only queries of this metric may come back empty.
+CACHE_UP = "hydra_cachix_bridge_cache_up"
 JOB = "hydra-cachix-bridge"
+
+__all__ = ["hydra_db", "postgres_server"]  # fixtures: the Hydra database source's panels
 
 
 def as_series_query(expr: str) -> str:
@@ -84,7 +91,7 @@ class Prometheus:
         config = directory / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {RULES}\n"
+            f"rule_files:\n  - {RULES}\n  - {OPT_IN_RULES}\n"
             f"scrape_configs:\n  - job_name: {JOB}\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
         )
@@ -143,6 +150,7 @@ def test_every_panel_query_and_alert_expression_returns_data(
     tmp_path: Path,
     workdir: Path,
     fake_cachix: Path,
+    hydra_db: HydraDatabase,
 ) -> None:
     token = tmp_path / "token"
     token.write_text("tok\n")
@@ -150,12 +158,21 @@ def test_every_panel_query_and_alert_expression_returns_data(
     first = build(workdir, 3)
     second = build(workdir, 4)
     poison = second[0]
+    followed = tmp_path / "build.log"
+    followed.write_text("")
     daemon = daemon_factory(
+        f'[hydra_db]\ndsn = "{hydra_db.bridge_dsn}"\npoll_seconds = 5\n'
         "[push]\nmax_attempts = 1\nbackoff_initial_seconds = 0.1\nbackoff_max_seconds = 0.2\n"
         f'[caches.team]\nbackend = "cachix"\nauth_token_file = "{token}"\n'
         f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{mirror}"\n',
         env={"FAKE_CACHIX_FAIL_PATHS": poison.name},
+        extra_top=f'[[log_sources]]\npath = "{followed}"\n',
     )
+    # One build read from Hydra's database (a real PostgreSQL), so its panels have data.
+    from_db = hydra_db.queue_build(
+        hydra_db.jobset("proj", "main"), "db.x86_64-linux", first[0].drv, [("out", first[0].out)]
+    )
+    hydra_db.finish_build(from_db)
     server = prometheus_factory(daemon.port)
 
     enqueue_all(daemon, tmp_path, first, 1)
@@ -181,14 +198,25 @@ def test_every_panel_query_and_alert_expression_returns_data(
     )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
+    exposed = daemon.metrics_text()
+    assert "_created" not in exposed
+    assert f'hydra_cachix_bridge_log_source_readable{{path="{followed}"}} 1.0' in exposed
+
+    def may_be_empty(expr: str) -> bool:
+        return CACHE_UP in expr and CACHE_UP not in exposed
+
     queries = dashboard_queries()
     assert len(queries) >= 15
-    empty = [(title, expr) for title, expr in queries if not server.query(expr)]
+    empty = [(t, e) for t, e in queries if not server.query(e) and not may_be_empty(e)]
     assert empty == [], f"dashboard queries without data: {empty}"
 
     alerts = alert_expressions()
     assert len(alerts) >= 10
-    empty = [(name, expr) for name, expr in alerts if not server.query(as_series_query(expr))]
+    empty = [
+        (name, expr)
+        for name, expr in alerts
+        if not server.query(as_series_query(expr)) and not may_be_empty(expr)
+    ]
     assert empty == [], f"alert expressions without data: {empty}"
 
     # The rules file loads into the real Prometheus and its rules evaluate without errors.
