@@ -346,6 +346,17 @@ def check_grafana(r: Result) -> None:
     )
 
 
+def check_grafana_alerts(r: Result) -> None:
+    """The Grafana-managed rules, with the data source uid set once for grafana.service."""
+    assert re.fullmatch(
+        rf"{STORE}\S+/share/hydra-cachix-bridge/grafana/provisioning/alerting/"
+        r"hydra-cachix-bridge\.yaml",
+        r["grafanaAlertRules"],
+    )
+    assert r["grafanaEnvironment"] == {"HYDRA_CACHIX_BRIDGE_PROMETHEUS_DS_UID": "P1809F7CD0C75ACF3"}
+    assert r["grafanaProviders"] == []
+
+
 def check_post_build_hook(r: Result) -> None:
     hook = r["nixSettings"]["post-build-hook"]
     assert re.fullmatch(rf"{STORE}[0-9a-z]{{32}}-hydra-cachix-bridge-post-build-hook", hook)
@@ -437,6 +448,7 @@ CHECKS: dict[str, Callable[[Result], None]] = {
     "metrics-disabled-with-rules": expect_assertion("need settings.metrics.enabled"),
     "firewall": check_firewall,
     "grafana": check_grafana,
+    "grafana-alerts": check_grafana_alerts,
     "post-build-hook": check_post_build_hook,
     "misspelt-option": check_rejected,
     "wrong-type": check_rejected,

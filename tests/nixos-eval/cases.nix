@@ -192,6 +192,11 @@ in
 
   grafana = with' { grafana.provisionDashboards = true; };
 
+  grafana-alerts = with' {
+    grafana.provisionAlerts = true;
+    grafana.prometheusDatasourceUid = "P1809F7CD0C75ACF3";
+  };
+
   post-build-hook = with' { postBuildHook.enable = true; };
 
   misspelt-option = with' { setings.log_level = "debug"; };

@@ -109,6 +109,8 @@ let
       };
       scrapeTarget = b.prometheus.scrapeTarget;
       grafanaProviders = c.services.grafana.provision.dashboards.settings.providers;
+      grafanaAlertRules = c.services.grafana.provision.alerting.rules.path;
+      grafanaEnvironment = (c.systemd.services.grafana or { environment = { }; }).environment;
       postgresqlUsers = c.services.postgresql.ensureUsers;
       grantsUnit =
         let

@@ -85,6 +85,7 @@ in
     services.prometheus.ruleFiles = opt (types.listOf types.str) [ ];
     services.prometheus.scrapeConfigs = opt (types.listOf types.anything) [ ];
     services.grafana.provision.dashboards.settings.providers = opt (types.listOf types.anything) [ ];
+    services.grafana.provision.alerting.rules.path = opt (types.nullOr types.str) null;
     services.postgresql.enable = opt types.bool false;
     services.postgresql.package = opt types.package pkgs.postgresql;
     services.postgresql.ensureUsers = opt (types.listOf types.anything) [ ];
