@@ -269,28 +269,31 @@ class PushWorkers:
         m = self.metrics
         paths = [item.path for item in items]
         # No store query before the push: it would delay every push for the rare
-        # garbage-collected path, which is found after a failure instead.
+        # garbage-collected path. cachix skips a path that is not valid and still exits 0,
+        # so after a success the batch's validity is checked once (below).
         m.pushes_started.labels(cache, config.backend).inc()
         log.info("pushing %d path(s) to %s (%s)", len(paths), cache, config.backend)
         outcome = backend.push(paths, self.settings.timeout_seconds, self.cancel)
         now = self.clock.time()
         m.push_duration.labels(cache).observe(outcome.duration)
         if outcome.ok:
-            self._persist(lambda: queue.mark_pushed(items, now))
             m.pushes_succeeded.labels(cache, config.backend).inc()
-            m.count_paths(cache, ((item.project, item.jobset) for item in items))
-            m.last_success.labels(cache).set(now)
-            for item in items:
-                m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
-            log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
-            self.pushed_bytes.add(cache, paths)
+            uploaded = self._skip_invalid(queue, cache, items, after_success=True)
+            self._persist(lambda: queue.mark_pushed(uploaded, now))
+            if uploaded:
+                m.count_paths(cache, ((item.project, item.jobset) for item in uploaded))
+                m.last_success.labels(cache).set(now)
+                for item in uploaded:
+                    m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
+                self.pushed_bytes.add(cache, [item.path for item in uploaded])
+            log.info("pushed %d path(s) to %s in %.2fs", len(uploaded), cache, outcome.duration)
         elif outcome.cancelled:
             self._persist(lambda: queue.release(items, now))
             log.warning(
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
         else:
-            valid = self._drop_invalid(queue, cache, items)
+            valid = self._skip_invalid(queue, cache, items, after_success=False)
             if len(valid) < len(items):
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
@@ -317,7 +320,15 @@ class PushWorkers:
             backoff.succeeded()
             return result
 
-    def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
+    def _skip_invalid(
+        self, queue: Queue, cache: str, items: list[Item], *, after_success: bool
+    ) -> list[Item]:
+        """Mark the items whose path is no longer valid skipped; return the others.
+
+        After a successful push the batch is checked once: cachix skips such paths with a
+        warning and exits 0, so its exit status does not prove an upload. If the store
+        cannot be asked, exit 0 is the best evidence there is.
+        """
         try:
             invalid = self.store.invalid_paths([item.path for item in items])
         except StoreQueryError as exc:
@@ -328,6 +339,8 @@ class PushWorkers:
         gone = [item for item in items if item.path in invalid]
         now = self.clock.time()
         message = "not valid in the local store (garbage-collected?)"
+        if after_success:
+            message += "; the push skipped it"
         self._persist(lambda: queue.mark_skipped(gone, "invalid_path", message, now))
         self.metrics.paths_skipped.labels(cache, "invalid_path").inc(len(gone))
         for item in gone:

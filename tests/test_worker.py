@@ -23,6 +23,8 @@ from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS, BackoffPolicy, PushWorkers, parallel_limits
 from exporter.metrics import BridgeMetrics
 
+pytestmark = pytest.mark.nix
+
 GONE = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hcb-garbage-collected"
 P = "hydra_cachix_bridge_"
 
@@ -391,6 +393,59 @@ def test_garbage_collected_path_is_skipped_never_pushed(
     assert harness.value("paths_pushed_total", cache="c") == 2
     assert harness.value("paths_pushed_total", cache="d") == 0
     assert harness.value("dead_letters_total", cache="c") == 0
+
+
+def like_cachix(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+    """Upstream cachix: a path that is not valid is skipped with a warning, exit 0."""
+    return PushOutcome(True, 0.01)
+
+
+def test_path_skipped_by_a_successful_push_is_skipped_not_pushed(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [built[0].out, GONE, built[1].out])
+    harness.enqueue("d", [GONE])
+    c = ScriptedBackend("c", like_cachix)
+    d = ScriptedBackend("d", like_cachix)
+    harness.start({"c": cache("c", "cachix"), "d": cache("d", "cachix")}, {"c": c, "d": d})
+    wait_until(lambda: harness.settled("c") and harness.settled("d"))
+    # One push each, never retried: exit 0 is success, but the gone path was not uploaded.
+    assert len(c.calls) == 1 and len(d.calls) == 1
+    for name in ("c", "d"):
+        state, attempts, _next, _updated, reason = harness.item(name, GONE)
+        assert (state, attempts, reason) == ("skipped", 0, "invalid_path")
+    assert harness.count("c", "pushed") == 2
+    assert harness.value("paths_pushed_total", cache="c") == 2
+    assert harness.value("paths_pushed_total", cache="d") == 0
+    assert harness.value("paths_skipped_total", cache="c", reason="invalid_path") == 1
+    assert harness.value("paths_skipped_total", cache="d", reason="invalid_path") == 1
+    assert harness.value("pushes_succeeded_total", cache="d", backend="cachix") == 1
+    # last_success is about uploads: d uploaded nothing.
+    assert harness.value("last_success_timestamp_seconds", cache="c") > 0
+    no_upload = harness.registry.get_sample_value(
+        P + "last_success_timestamp_seconds", {"cache": "d"}
+    )
+    assert no_upload in (None, 0.0)
+    statuses = {s.cache: s for s in harness.queue.cache_statuses(["c", "d"])}
+    assert statuses["c"].last_success_at is not None
+    assert statuses["d"].last_success_at is None
+
+
+def test_real_cachix_skips_a_garbage_collected_path_and_the_bridge_says_so(
+    harness: Harness,
+    built: list[Built],
+    fake_cachix: Path,
+    token_file: Path,
+) -> None:
+    config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
+    harness.enqueue("cx", [built[4].out, GONE])
+    harness.start({"cx": config}, {"cx": CachixBackend(config)})
+    wait_until(lambda: harness.settled("cx"), timeout=30)
+    assert narinfo(fake_cachix / "cx", built[4]).exists()
+    assert harness.item("cx", GONE)[0] == "skipped"
+    assert harness.item("cx", built[4].out)[0] == "pushed"
+    assert harness.value("paths_pushed_total", cache="cx") == 1
+    assert harness.value("pushes_succeeded_total", cache="cx", backend="cachix") == 1
 
 
 # -- fairness between caches -------------------------------------------------------------
