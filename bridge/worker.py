@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from bridge.backends import Backend, PushOutcome
+from bridge.cachehealth import CacheHealthBook, format_time
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
 from bridge.queue import Item, Queue
@@ -143,9 +144,19 @@ class PushWorkers:
         self._threads: list[threading.Thread] = []
         self._held: set[int] = set()
         self.pushed_bytes = PushedBytes(store, metrics)
+        # Its own jitter source: probing a down cache must not shift the items' backoff.
+        probe_backoff = BackoffPolicy(
+            settings.backoff_initial_seconds, settings.backoff_max_seconds, random.Random()
+        )
+        self.health = CacheHealthBook(caches, metrics, clock, probe_backoff.delay)
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Load the caches' up/down state and start the worker threads."""
+        queue = self.queue_factory()
+        try:
+            self.health.load(queue)
+        finally:
+            queue.close()
         self.pushed_bytes.start()
         for index in range(self.settings.workers):
             thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)
@@ -204,10 +215,13 @@ class PushWorkers:
         if claimed is None:
             self._idle(queue)
             return
-        cache, items = claimed
+        cache, items, control = claimed
         try:
             try:
-                self._push(queue, cache, items)
+                if control is not None:
+                    self._probe(queue, cache, control)
+                else:
+                    self._push(queue, cache, items)
             except sqlite3.Error:
                 raise
             except Exception as exc:
@@ -216,34 +230,64 @@ class PushWorkers:
                 outcome = PushOutcome(
                     False, 0.0, "spawn_error", f"internal error: {type(exc).__name__} (see the log)"
                 )
-                self._failed(queue, cache, self.caches[cache], items, outcome, self.clock.time())
+                if items:
+                    self._failed(
+                        queue, cache, self.caches[cache], items, outcome, self.clock.time()
+                    )
         finally:
             with self._lock:
                 self._running[cache] -= 1
                 self._held.difference_update(item.id for item in items)
 
-    def _claim(self, queue: Queue) -> tuple[str, list[Item]] | None:
+    def _claim(self, queue: Queue) -> tuple[str, list[Item], str | None] | None:
+        """A batch to push, or for a down cache one probe: (cache, items, control path)."""
         names = list(self.caches)
+        now = self.clock.time()
         for offset in range(len(names)):
+            cache = names[(self._next_cache + offset) % len(names)]
+            down = not self.health.get(cache).up
             with self._lock:
-                cache = names[(self._next_cache + offset) % len(names)]
-                if self._running[cache] >= self.limits[cache]:
+                # A down cache gets one probe push at a time, when its backoff is over.
+                busy = self._running[cache] > 0 if down else False
+                if busy or self._running[cache] >= self.limits[cache]:
+                    continue
+                if down and not self.health.probe_due(cache, now):
                     continue
                 self._running[cache] += 1
             try:
-                items = queue.claim(cache, self.settings.batch_size, self.clock.time())
+                if down:
+                    control = self._control_path(queue, cache)
+                    items = [] if control is not None else queue.claim_probe(cache, now)
+                else:
+                    control = None
+                    items = queue.claim(cache, self.settings.batch_size, now)
             except BaseException:
                 with self._lock:
                     self._running[cache] -= 1
                 raise
-            if items:
+            if items or control is not None:
                 with self._lock:
                     self._next_cache = (self._next_cache + offset + 1) % len(names)
                     self._held.update(item.id for item in items)
-                return cache, items
+                return cache, items, control
             with self._lock:
                 self._running[cache] -= 1
+            if down:
+                # Nothing to probe with yet: look again after the backoff.
+                self.health.postpone(cache, now + self.backoff.delay(1))
         return None
+
+    def _control_path(self, queue: Queue, cache: str) -> str | None:
+        """A path this cache already has and the store still holds: pushing it again can
+        only fail because of the cache, so it probes a down cache without risking a path."""
+        recent = queue.recently_pushed(cache)
+        if not recent:
+            return None
+        try:
+            invalid = self.store.invalid_paths(recent)
+        except StoreQueryError:
+            return None
+        return next((path for path in recent if path not in invalid), None)
 
     def release_orphans(self, queue: Queue) -> int:
         """Items left in flight by a worker whose database write failed go back to pending."""
@@ -254,14 +298,36 @@ class PushWorkers:
 
     def _idle(self, queue: Queue) -> None:
         now = self.clock.time()
-        due = [d for d in (queue.next_due_at(c) for c in self.caches) if d is not None]
+        due = []
+        for cache in self.caches:
+            probe_at = self.health.wake_at(cache)
+            due.append(queue.next_due_at(cache) if probe_at is None else probe_at)
         timeout = IDLE_POLL_SECONDS
-        if due:
-            timeout = min(timeout, max(0.01, min(due) - now))
+        known = [d for d in due if d is not None]
+        if known:
+            timeout = min(timeout, max(0.01, min(known) - now))
         with self._wakeup:
             if not self._woken and not self.stopping.is_set():
                 self._wakeup.wait(timeout)
             self._woken = False
+
+    def _probe(self, queue: Queue, cache: str, path: str) -> None:
+        """Push a path the down cache already has: success means it is back."""
+        config = self.caches[cache]
+        m = self.metrics
+        m.pushes_started.labels(cache, config.backend).inc()
+        started = self.clock.monotonic()
+        log.info("probing down cache %s (%s) with %s", cache, config.backend, path)
+        outcome = self.backends[cache].push([path], self.settings.timeout_seconds, self.cancel)
+        m.push_duration.labels(cache).observe(outcome.duration)
+        if outcome.ok:
+            m.pushes_succeeded.labels(cache, config.backend).inc()
+            self.health.succeeded(queue, cache, self._persist)
+        elif not outcome.cancelled:
+            reason = outcome.reason or "exit_status"
+            m.pushes_failed.labels(cache, config.backend, reason).inc()
+            m.last_failure.labels(cache).set(self.clock.time())
+            self.health.failed(queue, cache, outcome.error or reason, started, self._persist)
 
     def _push(self, queue: Queue, cache: str, items: list[Item]) -> None:
         backend = self.backends[cache]
@@ -273,6 +339,7 @@ class PushWorkers:
         # so after a success the batch's validity is checked once (below).
         m.pushes_started.labels(cache, config.backend).inc()
         log.info("pushing %d path(s) to %s (%s)", len(paths), cache, config.backend)
+        started = self.clock.monotonic()
         outcome = backend.push(paths, self.settings.timeout_seconds, self.cancel)
         now = self.clock.time()
         m.push_duration.labels(cache).observe(outcome.duration)
@@ -280,6 +347,7 @@ class PushWorkers:
             m.pushes_succeeded.labels(cache, config.backend).inc()
             uploaded = self._skip_invalid(queue, cache, items, after_success=True)
             self._persist(lambda: queue.mark_pushed(uploaded, now))
+            self.health.succeeded(queue, cache, self._persist)
             if uploaded:
                 m.count_paths(cache, ((item.project, item.jobset) for item in uploaded))
                 m.last_success.labels(cache).set(now)
@@ -300,7 +368,41 @@ class PushWorkers:
                 m.pushes_failed.labels(cache, config.backend, "invalid_path").inc()
                 self._persist(lambda: queue.release(valid, now))
             else:
-                self._failed(queue, cache, config, items, outcome, now)
+                error = outcome.error or outcome.reason or "exit_status"
+                was_up, next_try = self.health.failed(queue, cache, error, started, self._persist)
+                if was_up:
+                    self._failed(queue, cache, config, items, outcome, now)
+                else:
+                    self._deferred(queue, cache, config, items, outcome, next_try, now)
+
+    def _deferred(
+        self,
+        queue: Queue,
+        cache: str,
+        config: CacheConfig,
+        items: Sequence[Item],
+        outcome: PushOutcome,
+        until: float,
+        now: float,
+    ) -> None:
+        """A push failed while its cache is down: the items wait with it, uncharged."""
+        reason = outcome.reason or "exit_status"
+        error = outcome.error or reason
+        self._persist(lambda: queue.defer(items, until, reason=reason, error=error, now=now))
+        m = self.metrics
+        m.pushes_failed.labels(cache, config.backend, reason).inc()
+        m.count_paths(cache, ((item.project, item.jobset) for item in items), reason)
+        m.last_failure.labels(cache).set(now)
+        log.warning(
+            "push of %d path(s) to %s failed while the cache is down (%s), first %s; "
+            "they wait with the cache, next try at %s: %s",
+            len(items),
+            cache,
+            reason,
+            items[0].path if items else "-",
+            format_time(until),
+            error,
+        )
 
     def _persist(self, write: Callable[[], T]) -> T:
         """Record a push's outcome, retrying while the database cannot take it (disk full).
