@@ -447,12 +447,14 @@ class Queue:
 
     def cache_health(self) -> dict[str, CacheHealth]:
         """The recorded up/down state of every cache that has one."""
-        return {
-            row[0]: CacheHealth(*row)
-            for row in self.conn.execute(
+        try:
+            rows = self.conn.execute(
                 "SELECT cache, down_since, next_try_at, failures, last_error FROM cache_health"
-            )
-        }
+            ).fetchall()
+        except sqlite3.OperationalError:
+            # A database the daemon has not opened since an upgrade, read by `status`.
+            return {}
+        return {row[0]: CacheHealth(*row) for row in rows}
 
     def save_cache_health(self, health: CacheHealth, now: float, failed: bool = False) -> None:
         """Record a cache's state; coming up makes its waiting items due at once."""

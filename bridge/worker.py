@@ -393,6 +393,7 @@ class PushWorkers:
         m.pushes_failed.labels(cache, config.backend, reason).inc()
         m.count_paths(cache, ((item.project, item.jobset) for item in items), reason)
         m.last_failure.labels(cache).set(now)
+        m.retries.labels(cache).inc(len(items))
         log.warning(
             "push of %d path(s) to %s failed while the cache is down (%s), first %s; "
             "they wait with the cache, next try at %s: %s",

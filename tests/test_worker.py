@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -274,7 +275,7 @@ def test_poisoned_path_is_isolated_and_dead_lettered_alone(
     sizes = [len(c) for c in backend.calls if poison in c]
     # Halved each time (a probe of the down cache may take one batch-mate out first).
     assert sizes[0] == 8 and sizes[-1] == 1
-    assert all(later <= (earlier + 1) // 2 for earlier, later in zip(sizes, sizes[1:]))
+    assert all(later <= (earlier + 1) // 2 for earlier, later in itertools.pairwise(sizes))
     assert harness.value("dead_letters_total", cache="c") == 1
     assert harness.value("paths_pushed_total", cache="c") == 7
     assert harness.value("paths_failed_total", cache="c", reason="exit_status") == sum(sizes)
