@@ -484,14 +484,19 @@ class PushWorkers:
         m.retries.labels(cache).inc(len(items) - len(dead))
         m.dead_letters.labels(cache).inc(len(dead))
         split = f", split into {len(halves)} batches" if len(halves) > 1 else ""
+        retrying = [item for item in items if item not in dead]
+        named = ", ".join(item.path for item in items[:2]) + (", …" if len(items) > 2 else "")
+        next_try = f"; next try at {format_time(min(at for _, at in groups))}" if retrying else ""
         log.warning(
-            "push of %d path(s) to %s failed (%s, attempt %d%s): %s",
+            "push of %d path(s) to %s failed (%s, attempt %d%s): %s [%s%s]",
             len(items),
             cache,
             reason,
             attempts,
             split,
             error,
+            named,
+            next_try,
         )
         for item in dead:
             log.error(
