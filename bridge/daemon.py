@@ -20,6 +20,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Config
 from bridge.events import REJECT_REASONS, SOURCES
 from bridge.ingest import Ingestor
+from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
 from bridge.matching import IGNORE_REASONS
 from bridge.quarantine import summarize
@@ -31,7 +32,6 @@ from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
 from bridge.worker import SKIP_REASONS, PushWorkers
 from exporter.http import MetricsServer
-from exporter.landing import LandingSnapshot, derive_cache_state, render_landing
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,6 @@ class Daemon:
         source = self.config.source_file
         snapshot = LandingSnapshot(
             statuses=statuses,
-            states={status.cache: derive_cache_state(status) for status in statuses},
             dead=dead,
             quarantine=summarize(self.layout),
             log_sources=[

@@ -90,6 +90,15 @@ CREATE TABLE IF NOT EXISTS quarantine_counted (
     reason TEXT NOT NULL,
     counted_at REAL NOT NULL
 ) WITHOUT ROWID;
+-- A cache is down while every push to it fails: items wait with it, no attempts are spent.
+-- Kept here so that a restart during an outage goes on probing instead of burning attempts.
+CREATE TABLE IF NOT EXISTS cache_health (
+    cache TEXT PRIMARY KEY,
+    down_since REAL,
+    next_try_at REAL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
 CREATE TABLE IF NOT EXISTS log_offsets (
     path TEXT PRIMARY KEY,
     device INTEGER NOT NULL,
@@ -139,6 +148,22 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class CacheHealth:
+    """Whether a cache takes pushes: down (since when, next probe, why) or up."""
+
+    cache: str
+    down_since: float | None = None
+    next_try_at: float | None = None
+    failures: int = 0
+    last_error: str | None = None
+
+    @property
+    def up(self) -> bool:
+        """True unless every push to the cache fails."""
+        return self.down_since is None
+
+
+@dataclass(frozen=True)
 class CacheStatus:
     """Per-cache summary for `status` and metrics."""
 
@@ -148,6 +173,7 @@ class CacheStatus:
     last_success_at: float | None
     last_failure_at: float | None
     last_error: str | None
+    health: CacheHealth | None = None
 
 
 @dataclass(frozen=True)
@@ -369,6 +395,99 @@ class Queue:
                 )
         return batch
 
+    def claim_probe(self, cache: str, now: float) -> list[Item]:
+        """Take the one pending item of a down cache that waited longest for a probe push."""
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT items.id, path, attempts, origin_at, enqueued_at, event_id, items.source,"
+                " events.project, events.jobset"
+                " FROM items LEFT JOIN events ON events.id = items.event_id"
+                " WHERE cache = ? AND state = 'pending' ORDER BY next_attempt_at, items.id LIMIT 1",
+                (cache,),
+            ).fetchone()
+            if row is None:
+                return []
+            self.conn.execute(
+                "UPDATE items SET state = 'inflight', updated_at = ? WHERE id = ?", (now, row[0])
+            )
+        return [Item(row[0], cache, *row[1:])]
+
+    def has_pending(self, cache: str) -> bool:
+        """True when the cache has an item waiting."""
+        row = self.conn.execute(
+            "SELECT 1 FROM items WHERE cache = ? AND state = 'pending' LIMIT 1", (cache,)
+        ).fetchone()
+        return row is not None
+
+    def recently_pushed(self, cache: str, limit: int = 5) -> list[str]:
+        """Paths most recently pushed to a cache (for a probe that can only succeed or not)."""
+        return [
+            row[0]
+            for row in self.conn.execute(
+                "SELECT path FROM items WHERE cache = ? AND state = 'pushed'"
+                " ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (cache, limit),
+            )
+        ]
+
+    def defer(
+        self, items: Iterable[Item], until: float, *, reason: str, error: str, now: float
+    ) -> None:
+        """A failed push to a down cache: items wait until until, no attempt counted."""
+        items = list(items)
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE items SET state = 'pending', updated_at = ?, next_attempt_at = ?,"
+                " last_reason = ?, last_error = ? WHERE id = ?",
+                [(now, until, reason, error, item.id) for item in items],
+            )
+            if items:
+                self._record_failure(items[0].cache, error, now)
+
+    def _record_failure(self, cache: str, error: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO cache_status (cache, last_failure_at, last_error) VALUES (?, ?, ?)"
+            " ON CONFLICT (cache) DO UPDATE SET last_failure_at = excluded.last_failure_at,"
+            " last_error = excluded.last_error",
+            (cache, now, error),
+        )
+
+    def cache_health(self) -> dict[str, CacheHealth]:
+        """The recorded up/down state of every cache that has one."""
+        try:
+            rows = self.conn.execute(
+                "SELECT cache, down_since, next_try_at, failures, last_error FROM cache_health"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            # A database the daemon has not opened since an upgrade, read by `status`.
+            return {}
+        return {row[0]: CacheHealth(*row) for row in rows}
+
+    def save_cache_health(self, health: CacheHealth, now: float, failed: bool = False) -> None:
+        """Record a cache's state; coming up makes its waiting items due at once."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO cache_health (cache, down_since, next_try_at, failures, last_error)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (cache) DO UPDATE SET"
+                " down_since = excluded.down_since, next_try_at = excluded.next_try_at,"
+                " failures = excluded.failures, last_error = excluded.last_error",
+                (
+                    health.cache,
+                    health.down_since,
+                    health.next_try_at,
+                    health.failures,
+                    health.last_error,
+                ),
+            )
+            if failed and health.last_error is not None:
+                self._record_failure(health.cache, health.last_error, now)
+            if health.up:
+                self.conn.execute(
+                    "UPDATE items SET next_attempt_at = ? WHERE cache = ? AND state = 'pending'"
+                    " AND next_attempt_at > ?",
+                    (now, health.cache, now),
+                )
+
     def next_due_at(self, cache: str) -> float | None:
         """When the next pending item of a cache becomes due."""
         row = self.conn.execute(
@@ -585,6 +704,7 @@ class Queue:
                 "SELECT cache, last_success_at, last_failure_at, last_error FROM cache_status"
             )
         }
+        health = self.cache_health()
         names = list(dict.fromkeys([*caches, *(c for c, _ in counts), *known]))
         return [
             CacheStatus(
@@ -594,6 +714,7 @@ class Queue:
                 last_success_at=known.get(name, (None, None, None))[0],
                 last_failure_at=known.get(name, (None, None, None))[1],
                 last_error=known.get(name, (None, None, None))[2],
+                health=health.get(name, CacheHealth(name)),
             )
             for name in names
         ]

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from bridge.cachehealth import format_time
 from bridge.config import Config
 from bridge.hydrastate import SourceStatus
 from bridge.quarantine import QuarantineSummary
-from bridge.queue import CacheStatus, DeadLetter
+from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from bridge.secrets import SecretError, read_secret
 
 if TYPE_CHECKING:
@@ -153,6 +154,29 @@ def _age(now: float, then: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
 
 
+def _health(status: CacheStatus) -> CacheHealth:
+    return status.health if status.health is not None else CacheHealth(status.cache)
+
+
+def _in(now: float, then: float) -> str:
+    seconds = int(then - now)
+    return "due now" if seconds <= 0 else f"in {_age(then, now).removesuffix(' ago')}"
+
+
+def health_line(status: CacheStatus, now: float) -> str:
+    """One line on whether a cache takes pushes: up, or down since when and why."""
+    health = _health(status)
+    if health.up:
+        return f"{status.cache}: up"
+    since = health.down_since or now
+    retry = health.next_try_at or now
+    return (
+        f"{status.cache}: DOWN since {format_time(since)} ({_age(now, since)}), "
+        f"next try at {format_time(retry)} ({_in(now, retry)}), "
+        f"{health.failures} failed push(es), last error: {health.last_error or '-'}"
+    )
+
+
 def status_document(
     statuses: Sequence[CacheStatus],
     dead: Sequence[DeadLetter],
@@ -175,6 +199,11 @@ def status_document(
                 "last_success_at": s.last_success_at,
                 "last_failure_at": s.last_failure_at,
                 "last_error": s.last_error,
+                "state": "up" if _health(s).up else "down",
+                "down_since": _health(s).down_since,
+                "next_try_at": _health(s).next_try_at,
+                "failed_pushes_while_down": _health(s).failures,
+                "down_error": _health(s).last_error,
             }
             for s in statuses
         ],
@@ -254,7 +283,11 @@ def render_status(
         lines.append(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+    lines += ["", "caches:"]
+    lines += [f"  {health_line(s, now)}" for s in statuses]
     for s in statuses:
+        if not _health(s).up:
+            continue
         if s.last_error and (s.last_failure_at or 0) >= (s.last_success_at or 0):
             lines.append(f"last error for {s.cache}: {s.last_error}")
     if dead:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bridge.process import run_command
 from bridge.storepath import is_store_path
@@ -15,6 +17,7 @@ QUERY_TIMEOUT_SECONDS = 120.0
 _DRV_OUTPUTS_RE = re.compile(r'Derive\(\[((?:\("[^"]*","[^"]*","[^"]*","[^"]*"\),?)*)\]')
 _DRV_OUTPUT_RE = re.compile(r'\("[^"]*","([^"]*)","[^"]*","[^"]*"\)')
 MAX_DRV_READ = 1 << 20
+PATH_INFO_CHUNK = 50
 
 
 def outputs_from_drv_file(drv_path: str) -> list[str] | None:
@@ -39,10 +42,50 @@ class StoreQueryError(Exception):
 
 
 @dataclass(frozen=True)
+class PathInfo:
+    """What `nix path-info --json` says about one valid store path."""
+
+    path: str
+    nar_size: int
+
+
+def _path_info_entry(path: str, entry: Any) -> PathInfo | None:
+    # Nix 2.8 marks an invalid path with "valid": false; 2.19 and later give null.
+    if not isinstance(entry, dict) or entry.get("valid") is False:
+        return None
+    size = entry.get("narSize")
+    return PathInfo(path, size if isinstance(size, int) and size >= 0 else 0)
+
+
+def parse_path_info(text: str) -> dict[str, PathInfo | None]:
+    """Read `nix path-info --json` of any Nix version; None for a path that is not valid.
+
+    Nix up to 2.18 prints a list of objects that carry "path"; from 2.19 on an object keyed
+    by path (null for an invalid path).
+    """
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise StoreQueryError(f"nix path-info --json printed no JSON: {exc}") from None
+    if isinstance(document, list):
+        pairs = [(e.get("path"), e) for e in document if isinstance(e, dict)]
+    elif isinstance(document, dict):
+        pairs = list(document.items())
+    else:
+        raise StoreQueryError("nix path-info --json printed neither a list nor an object")
+    return {
+        path: _path_info_entry(path, entry)
+        for path, entry in pairs
+        if isinstance(path, str) and is_store_path(path)
+    }
+
+
+@dataclass(frozen=True)
 class NixStore:
     """The local Nix store, reached through `nix-store` (no substitution, stable interface)."""
 
     nix_store: str = "nix-store"
+    nix: str = "nix"
     timeout: float = QUERY_TIMEOUT_SECONDS
 
     def _run(self, args: list[str]) -> str:
@@ -71,11 +114,38 @@ class NixStore:
         output = self._run(["--check-validity", "--print-invalid", *paths])
         return {line.strip() for line in output.splitlines() if line.strip() in paths}
 
+    def path_info(self, paths: Sequence[str]) -> dict[str, PathInfo | None]:
+        """`nix path-info --json` of paths (None for one that is not valid), never substituting."""
+        found: dict[str, PathInfo | None] = {}
+        # A chunk's JSON (references included) must fit in the captured output's tail.
+        for start in range(0, len(paths), PATH_INFO_CHUNK):
+            chunk = paths[start : start + PATH_INFO_CHUNK]
+            command = [self.nix, "--extra-experimental-features", "nix-command", "path-info"]
+            command += ["--json", "--option", "substituters", "", "--", *chunk]
+            result = run_command(command, timeout=self.timeout)
+            if not result.ok:
+                detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
+                raise StoreQueryError(f"nix path-info failed: {detail}")
+            # Output mixes stdout and stderr: the JSON is the one line that starts as JSON.
+            lines = [ln for ln in result.output.splitlines() if ln.startswith(("[", "{"))]
+            if not lines:
+                raise StoreQueryError("nix path-info --json printed no JSON")
+            found.update(parse_path_info(lines[-1]))
+        return found
+
     def nar_sizes(self, paths: Sequence[str]) -> dict[str, int]:
-        """NAR size in bytes of each valid path (0 where Nix does not say)."""
+        """NAR size in bytes of each valid path (0 where Nix does not say).
+
+        `nix-store --query --size` fails for the whole list when one path is gone; then
+        `nix path-info` gives the sizes of the others.
+        """
         if not paths:
             return {}
-        output = self._run(["--query", "--size", *paths])
+        try:
+            output = self._run(["--query", "--size", *paths])
+        except StoreQueryError:
+            infos = self.path_info(paths)
+            return {path: info.nar_size for path, info in infos.items() if info is not None}
         sizes = [line.strip() for line in output.splitlines() if line.strip().isdigit()]
         if len(sizes) != len(paths):
             return dict.fromkeys(paths, 0)

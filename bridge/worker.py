@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from bridge.backends import Backend, PushOutcome
+from bridge.cachehealth import CacheHealthBook, format_time
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
 from bridge.describe import first_paths, next_try
@@ -144,9 +145,19 @@ class PushWorkers:
         self._threads: list[threading.Thread] = []
         self._held: set[int] = set()
         self.pushed_bytes = PushedBytes(store, metrics)
+        # Its own jitter source: probing a down cache must not shift the items' backoff.
+        probe_backoff = BackoffPolicy(
+            settings.backoff_initial_seconds, settings.backoff_max_seconds, random.Random()
+        )
+        self.health = CacheHealthBook(caches, metrics, clock, probe_backoff.delay)
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Load the caches' up/down state and start the worker threads."""
+        queue = self.queue_factory()
+        try:
+            self.health.load(queue)
+        finally:
+            queue.close()
         self.pushed_bytes.start()
         for index in range(self.settings.workers):
             thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)
@@ -205,10 +216,13 @@ class PushWorkers:
         if claimed is None:
             self._idle(queue)
             return
-        cache, items = claimed
+        cache, items, control = claimed
         try:
             try:
-                self._push(queue, cache, items)
+                if control is not None:
+                    self._probe(queue, cache, control)
+                else:
+                    self._push(queue, cache, items)
             except sqlite3.Error:
                 raise
             except Exception as exc:
@@ -217,34 +231,64 @@ class PushWorkers:
                 outcome = PushOutcome(
                     False, 0.0, "spawn_error", f"internal error: {type(exc).__name__} (see the log)"
                 )
-                self._failed(queue, cache, self.caches[cache], items, outcome, self.clock.time())
+                if items:
+                    self._failed(
+                        queue, cache, self.caches[cache], items, outcome, self.clock.time()
+                    )
         finally:
             with self._lock:
                 self._running[cache] -= 1
                 self._held.difference_update(item.id for item in items)
 
-    def _claim(self, queue: Queue) -> tuple[str, list[Item]] | None:
+    def _claim(self, queue: Queue) -> tuple[str, list[Item], str | None] | None:
+        """A batch to push, or for a down cache one probe: (cache, items, control path)."""
         names = list(self.caches)
+        now = self.clock.time()
         for offset in range(len(names)):
+            cache = names[(self._next_cache + offset) % len(names)]
+            down = not self.health.get(cache).up
             with self._lock:
-                cache = names[(self._next_cache + offset) % len(names)]
-                if self._running[cache] >= self.limits[cache]:
+                # A down cache gets one probe push at a time, when its backoff is over.
+                busy = self._running[cache] > 0 if down else False
+                if busy or self._running[cache] >= self.limits[cache]:
+                    continue
+                if down and not self.health.probe_due(cache, now):
                     continue
                 self._running[cache] += 1
             try:
-                items = queue.claim(cache, self.settings.batch_size, self.clock.time())
+                if down:
+                    control = self._control_path(queue, cache)
+                    items = [] if control is not None else queue.claim_probe(cache, now)
+                else:
+                    control = None
+                    items = queue.claim(cache, self.settings.batch_size, now)
             except BaseException:
                 with self._lock:
                     self._running[cache] -= 1
                 raise
-            if items:
+            if items or control is not None:
                 with self._lock:
                     self._next_cache = (self._next_cache + offset + 1) % len(names)
                     self._held.update(item.id for item in items)
-                return cache, items
+                return cache, items, control
             with self._lock:
                 self._running[cache] -= 1
+            if down:
+                # Nothing to probe with yet: look again after the backoff.
+                self.health.postpone(cache, now + self.backoff.delay(1))
         return None
+
+    def _control_path(self, queue: Queue, cache: str) -> str | None:
+        """A path this cache already has and the store still holds: pushing it again can
+        only fail because of the cache, so it probes a down cache without risking a path."""
+        recent = queue.recently_pushed(cache)
+        if not recent:
+            return None
+        try:
+            invalid = self.store.invalid_paths(recent)
+        except StoreQueryError:
+            return None
+        return next((path for path in recent if path not in invalid), None)
 
     def release_orphans(self, queue: Queue) -> int:
         """Items left in flight by a worker whose database write failed go back to pending."""
@@ -255,14 +299,36 @@ class PushWorkers:
 
     def _idle(self, queue: Queue) -> None:
         now = self.clock.time()
-        due = [d for d in (queue.next_due_at(c) for c in self.caches) if d is not None]
+        due = []
+        for cache in self.caches:
+            probe_at = self.health.wake_at(cache)
+            due.append(queue.next_due_at(cache) if probe_at is None else probe_at)
         timeout = IDLE_POLL_SECONDS
-        if due:
-            timeout = min(timeout, max(0.01, min(due) - now))
+        known = [d for d in due if d is not None]
+        if known:
+            timeout = min(timeout, max(0.01, min(known) - now))
         with self._wakeup:
             if not self._woken and not self.stopping.is_set():
                 self._wakeup.wait(timeout)
             self._woken = False
+
+    def _probe(self, queue: Queue, cache: str, path: str) -> None:
+        """Push a path the down cache already has: success means it is back."""
+        config = self.caches[cache]
+        m = self.metrics
+        m.pushes_started.labels(cache, config.backend).inc()
+        started = self.clock.monotonic()
+        log.info("probing down cache %s (%s) with %s", cache, config.backend, path)
+        outcome = self.backends[cache].push([path], self.settings.timeout_seconds, self.cancel)
+        m.push_duration.labels(cache).observe(outcome.duration)
+        if outcome.ok:
+            m.pushes_succeeded.labels(cache, config.backend).inc()
+            self.health.succeeded(queue, cache, self._persist)
+        elif not outcome.cancelled:
+            reason = outcome.reason or "exit_status"
+            m.pushes_failed.labels(cache, config.backend, reason).inc()
+            m.last_failure.labels(cache).set(self.clock.time())
+            self.health.failed(queue, cache, outcome.error or reason, started, self._persist)
 
     def _push(self, queue: Queue, cache: str, items: list[Item]) -> None:
         backend = self.backends[cache]
@@ -270,35 +336,81 @@ class PushWorkers:
         m = self.metrics
         paths = [item.path for item in items]
         # No store query before the push: it would delay every push for the rare
-        # garbage-collected path, which is found after a failure instead.
+        # garbage-collected path. cachix skips a path that is not valid and still exits 0,
+        # so after its success the batch's validity is checked once (below).
         m.pushes_started.labels(cache, config.backend).inc()
         log.info("pushing %d path(s) to %s (%s)", len(paths), cache, config.backend)
+        started = self.clock.monotonic()
         outcome = backend.push(paths, self.settings.timeout_seconds, self.cancel)
         now = self.clock.time()
         m.push_duration.labels(cache).observe(outcome.duration)
         if outcome.ok:
-            self._persist(lambda: queue.mark_pushed(items, now))
             m.pushes_succeeded.labels(cache, config.backend).inc()
-            m.count_paths(cache, ((item.project, item.jobset) for item in items))
-            m.last_success.labels(cache).set(now)
-            for item in items:
-                m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
-            log.info("pushed %d path(s) to %s in %.2fs", len(items), cache, outcome.duration)
-            self.pushed_bytes.add(cache, paths)
+            # `nix copy` fails on a path that is not valid (handled below); cachix skips it
+            # and exits 0, so only its successes need the check (~5-80 ms, after the push).
+            uploaded = (
+                self._skip_invalid(queue, cache, items, after_success=True)
+                if config.backend == "cachix"
+                else items
+            )
+            self._persist(lambda: queue.mark_pushed(uploaded, now))
+            self.health.succeeded(queue, cache, self._persist)
+            if uploaded:
+                m.count_paths(cache, ((item.project, item.jobset) for item in uploaded))
+                m.last_success.labels(cache).set(now)
+                for item in uploaded:
+                    m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
+                self.pushed_bytes.add(cache, [item.path for item in uploaded])
+            log.info("pushed %d path(s) to %s in %.2fs", len(uploaded), cache, outcome.duration)
         elif outcome.cancelled:
             self._persist(lambda: queue.release(items, now))
             log.warning(
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
         else:
-            valid = self._drop_invalid(queue, cache, items)
+            valid = self._skip_invalid(queue, cache, items, after_success=False)
             if len(valid) < len(items):
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
                 m.pushes_failed.labels(cache, config.backend, "invalid_path").inc()
                 self._persist(lambda: queue.release(valid, now))
             else:
-                self._failed(queue, cache, config, items, outcome, now)
+                error = outcome.error or outcome.reason or "exit_status"
+                was_up, next_try = self.health.failed(queue, cache, error, started, self._persist)
+                if was_up:
+                    self._failed(queue, cache, config, items, outcome, now)
+                else:
+                    self._deferred(queue, cache, config, items, outcome, next_try, now)
+
+    def _deferred(
+        self,
+        queue: Queue,
+        cache: str,
+        config: CacheConfig,
+        items: Sequence[Item],
+        outcome: PushOutcome,
+        until: float,
+        now: float,
+    ) -> None:
+        """A push failed while its cache is down: the items wait with it, uncharged."""
+        reason = outcome.reason or "exit_status"
+        error = outcome.error or reason
+        self._persist(lambda: queue.defer(items, until, reason=reason, error=error, now=now))
+        m = self.metrics
+        m.pushes_failed.labels(cache, config.backend, reason).inc()
+        m.count_paths(cache, ((item.project, item.jobset) for item in items), reason)
+        m.last_failure.labels(cache).set(now)
+        m.retries.labels(cache).inc(len(items))
+        log.warning(
+            "push of %d path(s) to %s failed while the cache is down (%s), first %s; "
+            "they wait with the cache, next try at %s: %s",
+            len(items),
+            cache,
+            reason,
+            items[0].path if items else "-",
+            format_time(until),
+            error,
+        )
 
     def _persist(self, write: Callable[[], T]) -> T:
         """Record a push's outcome, retrying while the database cannot take it (disk full).
@@ -318,7 +430,15 @@ class PushWorkers:
             backoff.succeeded()
             return result
 
-    def _drop_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
+    def _skip_invalid(
+        self, queue: Queue, cache: str, items: list[Item], *, after_success: bool
+    ) -> list[Item]:
+        """Mark the items whose path is no longer valid skipped; return the others.
+
+        After a successful push the batch is checked once: cachix skips such paths with a
+        warning and exits 0, so its exit status does not prove an upload. If the store
+        cannot be asked, exit 0 is the best evidence there is.
+        """
         try:
             invalid = self.store.invalid_paths([item.path for item in items])
         except StoreQueryError as exc:
@@ -329,6 +449,8 @@ class PushWorkers:
         gone = [item for item in items if item.path in invalid]
         now = self.clock.time()
         message = "not valid in the local store (garbage-collected?)"
+        if after_success:
+            message += "; the push skipped it"
         self._persist(lambda: queue.mark_skipped(gone, "invalid_path", message, now))
         self.metrics.paths_skipped.labels(cache, "invalid_path").inc(len(gone))
         for item in gone:

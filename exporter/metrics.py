@@ -150,6 +150,12 @@ class BridgeMetrics:
             ["cache"],
             registry=r,
         )
+        self.cache_up = Gauge(
+            f"{PREFIX}_cache_up",
+            "1 while the cache takes pushes, 0 while every push to it fails (items wait)",
+            ["cache"],
+            registry=r,
+        )
         self.spool_watch_alive = Gauge(
             f"{PREFIX}_spool_watch_alive",
             "1 while the spool directory is being watched",
@@ -189,6 +195,7 @@ class BridgeMetrics:
             self.end_to_end.labels(cache)
             self.retries.labels(cache)
             self.dead_letters.labels(cache)
+            self.cache_up.labels(cache).set(1)
 
     def count_paths(
         self,

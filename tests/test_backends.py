@@ -21,6 +21,8 @@ from bridge.backends import (
 )
 from bridge.config import CacheConfig
 
+pytestmark = pytest.mark.nix
+
 TOKEN = "tok-0f1e2d3c4b5a69788796a5b4c3d2e1f0-secret"
 KEY = "sk-ZmFrZSBzaWduaW5nIGtleSBmb3IgdGVzdHMgb25seQ-secret"
 

@@ -142,9 +142,6 @@ def range_arguments(expr: str) -> list[tuple[str, str]]:
     return found
 
 
-ADDED_BY_OTHER_CHANGES = {"hydra_cachix_bridge_cache_up": {"cache"}}
-
-
 def registry_metrics() -> dict[str, set[str]]:
     """Every sample and family name of the real registry, with its label names."""
     registry = CollectorRegistry()
@@ -180,10 +177,6 @@ def registry_metrics() -> dict[str, set[str]]:
         for sample in family.samples:
             names.setdefault(sample.name, set()).update(sample.labels)
             names[family.name].update(sample.labels)
-    # Added to BridgeMetrics by the cache outage change of issue 12; until that is merged
-    # the registry lacks it. Only this metric is taken on trust, with its documented labels.
-    for name, labels in ADDED_BY_OTHER_CHANGES.items():
-        names.setdefault(name, set(labels))
     return names
 
 

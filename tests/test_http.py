@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from bridge.queue import CacheStatus, DeadLetter
+from bridge.landing import LandingSnapshot, render_landing
+from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from exporter.http import MetricsServer
-from exporter.landing import LandingSnapshot, derive_cache_state, render_landing
 
 
 @pytest.fixture
@@ -151,11 +151,11 @@ def test_landing_summary_shows_a_down_cache_and_escapes_everything() -> None:
         900.0,
         1100.0,
         "push failed: https://user:hunter2@cache.example/x <script>",
+        CacheHealth("<team>", 1100.0, 1130.0, 3, "exit 1: <b>unreachable</b>"),
     )
     dead = DeadLetter(5, "<team>", "/nix/store/abc-<x>", 8, 1090.0, "exit_status", "boom & co")
     snapshot = LandingSnapshot(
         statuses=[status],
-        states={"<team>": derive_cache_state(status)},
         dead=[dead],
         quarantine=None,
         log_sources=[("/var/log/<hook>.log", True)],
@@ -165,7 +165,8 @@ def test_landing_summary_shows_a_down_cache_and_escapes_everything() -> None:
     html = render_landing(snapshot, "1<2", now=1200.0)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "hunter2" not in html and "user:***@cache.example" in html
-    assert 'class="down">down</span> since' in html and "the last push failed" in html
+    assert 'class="down">down</span> since' in html and "3 failed push(es) since" in html
+    assert "last error: exit 1: &lt;b&gt;unreachable&lt;/b&gt;" in html
     assert "&lt;team&gt;" in html and "/nix/store/abc-&lt;x&gt;" in html
     assert "boom &amp; co" in html and "1&lt;2" in html
     assert "retry --config /etc/hcb &amp; co.toml --all" in html

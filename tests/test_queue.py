@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.events import Event
-from bridge.queue import DeadLetter, Item, LogOffset, Queue, QueueError
+from bridge.queue import CacheHealth, DeadLetter, Item, LogOffset, Queue, QueueError
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 T0 = 1_700_000_000.0
@@ -608,3 +608,74 @@ def test_release_orphans_frees_only_old_unheld_inflight_items(queue: Queue) -> N
     assert row(queue, "a", old[1].path)["state"] == "pending"
     assert row(queue, "a", old[0].path)["state"] == "inflight"  # a worker still holds it
     assert all(row(queue, "a", item.path)["state"] == "inflight" for item in fresh)
+
+
+# -- cache health (issue 12) ---------------------------------------------------------------
+
+
+def test_cache_health_is_up_until_recorded_and_survives_reopening(
+    queue: Queue, db_path: Path
+) -> None:
+    assert queue.cache_health() == {}
+    [status] = queue.cache_statuses(["c"])
+    assert status.health == CacheHealth("c") and status.health.up
+    down = CacheHealth("c", down_since=T0, next_try_at=T0 + 2, failures=3, last_error="503")
+    queue.save_cache_health(down, T0, failed=True)
+    reopened = Queue(db_path, create=False)
+    try:
+        assert reopened.cache_health() == {"c": down}
+        [status] = reopened.cache_statuses(["c"])
+        assert status.health == down and not down.up
+        assert status.last_failure_at == T0 and status.last_error == "503"
+    finally:
+        reopened.close()
+
+
+def test_claim_probe_takes_one_item_even_before_it_is_due(queue: Queue) -> None:
+    a, b = store_path("a"), store_path("b")
+    record(queue, [("c", a), ("c", b)], spool_name="e.json")
+    queue.conn.execute("UPDATE items SET next_attempt_at = ? WHERE path = ?", (T0 + 999, a))
+    queue.conn.execute("UPDATE items SET next_attempt_at = ? WHERE path = ?", (T0 + 500, b))
+    assert queue.claim("c", 10, T0) == []  # nothing is due ...
+    [probe] = queue.claim_probe("c", T0)  # ... but a down cache is probed with the next one
+    assert probe.path == b and row(queue, "c", b)["state"] == "inflight"
+    [probe] = queue.claim_probe("c", T0)
+    assert probe.path == a
+    assert queue.claim_probe("c", T0) == []
+    assert queue.claim_probe("other", T0) == []
+
+
+def test_defer_counts_no_attempt_and_rotates_the_probe(queue: Queue) -> None:
+    a, b = store_path("a"), store_path("b")
+    record(queue, [("c", a), ("c", b)], spool_name="e.json")
+    [probe] = queue.claim_probe("c", T0)
+    queue.defer([probe], T0 + 5, reason="exit_status", error="down", now=T0)
+    r = row(queue, "c", probe.path)
+    assert (r["state"], r["attempts"], r["next_attempt_at"]) == ("pending", 0, T0 + 5)
+    assert (r["last_reason"], r["last_error"]) == ("exit_status", "down")
+    [status] = queue.cache_statuses(["c"])
+    assert status.last_failure_at == T0 and status.last_error == "down"
+    [other] = queue.claim_probe("c", T0 + 1)
+    assert other.path != probe.path  # the next probe takes the path that waited longest
+    assert queue.has_pending("c") and not queue.has_pending("x")
+
+
+def test_coming_up_makes_waiting_items_due_now(queue: Queue) -> None:
+    a, b = store_path("a"), store_path("b")
+    record(queue, [("c", a), ("d", b)], spool_name="e.json")
+    queue.conn.execute("UPDATE items SET next_attempt_at = ?", (T0 + 900,))
+    queue.save_cache_health(CacheHealth("c", down_since=T0, next_try_at=T0 + 1), T0)
+    assert queue.claim("c", 10, T0 + 10) == []  # down: items keep their time
+    queue.save_cache_health(CacheHealth("c"), T0 + 10)
+    assert [i.path for i in queue.claim("c", 10, T0 + 10)] == [a]
+    assert row(queue, "d", b)["next_attempt_at"] == T0 + 900  # other caches untouched
+
+
+def test_recently_pushed_is_newest_first_per_cache(queue: Queue) -> None:
+    paths = [store_path(f"p{i}") for i in range(4)]
+    record(queue, [("c", p) for p in paths] + [("d", paths[0])], spool_name="e.json")
+    items = queue.claim("c", 10, T0)
+    for offset, item in enumerate(items):
+        queue.mark_pushed([item], T0 + offset)
+    assert queue.recently_pushed("c", limit=2) == [paths[3], paths[2]]
+    assert queue.recently_pushed("d") == []

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from bridge.config import default_config, load_config, parse_config
-from bridge.queue import CacheStatus, DeadLetter
+from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from bridge.render import mask_uri, render_config, render_status, status_document
 
 TOKEN = "tok-SECRET-7f3a9c1e-do-not-print"
@@ -287,6 +288,11 @@ class TestStatusDocument:
                     "last_success_at": NOW - 5,
                     "last_failure_at": NOW - 3700,
                     "last_error": "cachix exited 1: HTTP 502",
+                    "state": "up",
+                    "down_since": None,
+                    "next_try_at": None,
+                    "failed_pushes_while_down": 0,
+                    "down_error": None,
                 }
             ],
             "dead_letters": [
@@ -415,3 +421,44 @@ class TestRenderStatus:
         )
         assert any(line.startswith("  #9 mirror ") for line in text.splitlines())
         assert text.endswith("\n")
+
+
+DOWN = CacheHealth(
+    "mycache",
+    down_since=NOW - 754,
+    next_try_at=NOW + 65,
+    failures=12,
+    last_error="cachix exited 1: HttpExceptionRequest ConnectionFailure",
+)
+
+
+class TestCacheHealth:
+    def test_down_cache_says_since_when_next_try_and_why(self) -> None:
+        text = render_status([status(health=DOWN), status("mirror")], [], NOW, True)
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(NOW - 754))
+        retry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(NOW + 65))
+        assert (
+            f"  mycache: DOWN since {since} (12m34s ago), next try at {retry} (in 1m05s), "
+            "12 failed push(es), last error: cachix exited 1: HttpExceptionRequest "
+            "ConnectionFailure"
+        ) in text.splitlines()
+        assert "  mirror: up" in text.splitlines()
+        # The down line already names the error; no second "last error" line for it.
+        assert "last error for mycache" not in text
+
+    def test_overdue_probe_is_due_now(self) -> None:
+        late = CacheHealth("mycache", down_since=NOW - 10, next_try_at=NOW - 1, failures=1)
+        text = render_status([status(health=late)], [], NOW, True)
+        assert "(due now)" in text and "last error: -" in text
+
+    def test_up_without_recorded_health(self) -> None:
+        assert "  mycache: up" in render_status([status()], [], NOW, True).splitlines()
+
+    def test_document_for_a_down_cache(self) -> None:
+        doc = status_document([status(health=DOWN)], [], NOW, daemon_running=True)
+        [entry] = doc["caches"]
+        assert entry["state"] == "down"
+        assert entry["down_since"] == NOW - 754 and entry["next_try_at"] == NOW + 65
+        assert entry["failed_pushes_while_down"] == 12
+        assert entry["down_error"] == DOWN.last_error
+        json.dumps(doc, allow_nan=False)

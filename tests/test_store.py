@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +9,15 @@ import pytest
 from nixhelpers import Built, build, offline_env
 
 import bridge.store
-from bridge.store import NixStore, StoreQueryError, outputs_from_drv_file
+from bridge.store import (
+    NixStore,
+    PathInfo,
+    StoreQueryError,
+    outputs_from_drv_file,
+    parse_path_info,
+)
+
+pytestmark = pytest.mark.nix
 
 MADE_UP = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hcb-never-built"
 MADE_UP_DRV = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hcb-never-built.drv"
@@ -144,15 +151,66 @@ def test_nar_sizes_match_nix_path_info(built: list[Built]) -> None:
         env=offline_env(),
         check=True,
     ).stdout
-    expected = {entry["path"]: entry["narSize"] for entry in json.loads(info)}
+    # Whatever shape this Nix prints (a list up to 2.18, an object keyed by path after).
+    expected = {path: entry.nar_size for path, entry in parse_path_info(info).items() if entry}
     assert sizes == expected
     assert all(size > 0 for size in sizes.values())
     assert NixStore().nar_sizes([]) == {}
 
 
-def test_nar_sizes_of_an_invalid_path_raises(built: list[Built]) -> None:
+def test_nar_sizes_with_an_invalid_path_gives_the_valid_ones(built: list[Built]) -> None:
+    # `nix-store --query --size` fails for the whole list; `nix path-info` answers per path.
+    sizes = NixStore().nar_sizes([built[0].out, MADE_UP])
+    assert list(sizes) == [built[0].out] and sizes[built[0].out] > 0
+
+
+def test_path_info_on_this_nix(built: list[Built]) -> None:
+    info = NixStore().path_info([built[0].out, MADE_UP, built[1].out])
+    assert info[MADE_UP] is None
+    for b in built[:2]:
+        entry = info[b.out]
+        assert entry is not None and entry.path == b.out and entry.nar_size > 0
+    assert NixStore().path_info([]) == {}
+
+
+# Recorded with Nix 2.8.0 (Debian 12) and Nix 2.26.3 (Debian 13), same two paths.
+VALID = "/nix/store/0s8wpd48lwq2py024m0v32c7s56xvxw3-hcb-lat-d769737c4da0-0"
+PATH_INFO_2_8 = (
+    '[{"path":"' + VALID + '","narHash":"sha256-R7m9FNEQ4ORtE1lo+MelVN85b7BLE/7A43QXoa+onO4=",'
+    '"narSize":136,"references":[],"deriver":"/nix/store/a4hi406zj2z9sg967hsd70bqyvmpyy2z-'
+    'hcb-lat-d769737c4da0-0.drv","registrationTime":1796051729,"ultimate":true},'
+    '{"path":"' + MADE_UP + '","valid":false}]'
+)
+PATH_INFO_2_26 = (
+    '{"' + VALID + '":{"ca":null,"deriver":"/nix/store/a4hi406zj2z9sg967hsd70bqyvmpyy2z-'
+    'hcb-lat-d769737c4da0-0.drv","narHash":"sha256-R7m9FNEQ4ORtE1lo+MelVN85b7BLE/7A43QXoa+onO4=",'
+    '"narSize":136,"references":[],"registrationTime":1796051729,"signatures":[],'
+    '"ultimate":true},"' + MADE_UP + '":null}'
+)
+
+
+@pytest.mark.parametrize("text", [PATH_INFO_2_8, PATH_INFO_2_26], ids=["nix-2.8", "nix-2.26"])
+def test_parse_path_info_reads_both_shapes(text: str) -> None:
+    assert parse_path_info(text) == {VALID: PathInfo(VALID, 136), MADE_UP: None}
+
+
+@pytest.mark.parametrize("text", ["", "not json", "42", '"x"'])
+def test_parse_path_info_rejects_what_is_not_path_info(text: str) -> None:
     with pytest.raises(StoreQueryError):
-        NixStore().nar_sizes([built[0].out, MADE_UP])
+        parse_path_info(text)
+
+
+def test_parse_path_info_ignores_odd_entries() -> None:
+    text = '[{"path": "/tmp/x", "narSize": 1}, 7, {"narSize": 3}, {"path": "' + VALID + '"}]'
+    assert parse_path_info(text) == {VALID: PathInfo(VALID, 0)}
+    assert parse_path_info('{"' + VALID + '": {"narSize": -5}, "/tmp/y": {}}') == {
+        VALID: PathInfo(VALID, 0)
+    }
+
+
+def test_path_info_error_is_a_store_query_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreQueryError, match="no-nix"):
+        NixStore(nix=str(tmp_path / "no-nix")).path_info([MADE_UP])
 
 
 def test_missing_nix_store_executable_raises(tmp_path: Path, built: list[Built]) -> None:

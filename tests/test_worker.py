@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -22,6 +23,8 @@ from bridge.queue import Queue
 from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS, BackoffPolicy, PushWorkers, parallel_limits
 from exporter.metrics import BridgeMetrics
+
+pytestmark = pytest.mark.nix
 
 GONE = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hcb-garbage-collected"
 P = "hydra_cachix_bridge_"
@@ -267,28 +270,106 @@ def test_poisoned_path_is_isolated_and_dead_lettered_alone(
     pushed = {p for call in backend.calls if poison not in call for p in call}
     assert pushed == set(paths) - {poison}
     assert backend.calls[0] == paths  # first the whole batch ...
-    assert backend.calls[-1] == [poison]  # ... and at last the poison alone
-    assert [len(c) for c in backend.calls if poison in c] == [8, 4, 2, 1]
+    with_poison = [call for call in backend.calls if poison in call]
+    assert with_poison[-1] == [poison]  # ... and at last the poison alone
+    sizes = [len(c) for c in backend.calls if poison in c]
+    # Halved each time (a probe of the down cache may take one batch-mate out first).
+    assert sizes[0] == 8 and sizes[-1] == 1
+    assert all(later <= (earlier + 1) // 2 for earlier, later in itertools.pairwise(sizes))
     assert harness.value("dead_letters_total", cache="c") == 1
     assert harness.value("paths_pushed_total", cache="c") == 7
-    assert harness.value("paths_failed_total", cache="c", reason="exit_status") == 8 + 4 + 2 + 1
+    assert harness.value("paths_failed_total", cache="c", reason="exit_status") == sum(sizes)
 
 
 def test_failing_single_path_is_retried_then_dead_lettered(
     harness: Harness, built: list[Built]
 ) -> None:
-    harness.enqueue("c", [built[0].out])
-    backend = ScriptedBackend("c", failing("timeout", "push timed out"))
+    # The cache takes other pushes (here: the path pushed first), so the failures are the
+    # path's own. (Before issue 12 this test had no other path: now that is an outage.)
+    good, bad = built[1].out, built[0].out
+
+    def handler(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        if bad in paths:
+            return PushOutcome(False, 0.01, "timeout", "push timed out")
+        return PushOutcome(True, 0.01)
+
+    harness.enqueue("c", [good])
+    backend = ScriptedBackend("c", handler)
     harness.start({"c": cache("c")}, {"c": backend}, max_attempts=3)
     wait_until(lambda: harness.settled("c"))
-    assert len(backend.calls) == 3
-    state, attempts, *_rest, reason = harness.item("c", built[0].out)
+    harness.enqueue("c", [bad])
+    harness.workers[0].wake()
+    wait_until(lambda: harness.count("c", "dead") == 1)
+    assert sum(bad in call for call in backend.calls) == 3
+    state, attempts, *_rest, reason = harness.item("c", bad)
     assert (state, attempts, reason) == ("dead", 3, "timeout")
     labels = {"cache": "c", "backend": "nix-copy", "reason": "timeout"}
     assert harness.value("pushes_failed_total", **labels) == 3
     assert harness.value("retries_total", cache="c") == 2
     assert harness.value("dead_letters_total", cache="c") == 1
     assert harness.value("last_failure_timestamp_seconds", cache="c") > 0
+    # Between its failures the cache was probed with the path it already has.
+    assert [good] in backend.calls[2:]
+    wait_until(lambda: harness.value("cache_up", cache="c") == 1)
+
+
+def test_every_push_failing_is_an_outage_not_dead_letters(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [b.out for b in built[:3]])
+    backend = ScriptedBackend("c", failing("exit_status", "connection refused"))
+    harness.start(
+        {"c": cache("c")},
+        {"c": backend},
+        max_attempts=2,
+        batch_size=1,
+        backoff_initial_seconds=0.05,
+        backoff_max_seconds=0.1,
+    )
+    wait_until(lambda: len(backend.calls) >= 12)
+    assert harness.count("c", "dead") == 0
+    assert harness.value("cache_up", cache="c") == 0
+    assert harness.value("dead_letters_total", cache="c") == 0
+    # Only the failure that found the cache up counted; the probes that followed did not.
+    attempts = [harness.item("c", b.out)[1] for b in built[:3]]
+    assert sorted(attempts) == [0, 0, 1]
+    # One probe push at a time, each with one path.
+    assert backend.max_active == 1
+    assert all(len(call) == 1 for call in backend.calls)
+    [status] = harness.queue.cache_statuses(["c"])
+    assert status.health is not None and not status.health.up
+    assert status.health.last_error == "connection refused"
+    assert status.health.next_try_at is not None and status.health.down_since is not None
+    # The probes rotate through the waiting paths.
+    assert {call[0] for call in backend.calls} == {b.out for b in built[:3]}
+    # It comes back: the first push that succeeds brings it up and everything flows.
+    backend.handler = ok
+    wait_until(lambda: harness.count("c", "pushed") == 3)
+    assert harness.value("cache_up", cache="c") == 1
+    [status] = harness.queue.cache_statuses(["c"])
+    assert status.health is not None and status.health.up
+
+
+def test_a_down_cache_stays_down_across_a_restart(harness: Harness, built: list[Built]) -> None:
+    harness.enqueue("c", [built[0].out, built[1].out])
+    backend = ScriptedBackend("c", failing("exit_status", "503"))
+    settings = {"max_attempts": 1, "backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.1}
+    first = harness.start({"c": cache("c")}, {"c": backend}, batch_size=1, **settings)
+    wait_until(lambda: len(backend.calls) >= 3)
+    first.stop(2.0)
+    # With max_attempts = 1 the first failure could have dead-lettered a path alone in its
+    # batch: that is the one failure that found the cache up.
+    dead_before = harness.count("c", "dead")
+    assert dead_before <= 1
+    calls_before = len(backend.calls)
+    harness.registry = CollectorRegistry()  # a new process
+    second = harness.start({"c": cache("c")}, {"c": backend}, batch_size=1, **settings)
+    assert not second.health.get("c").up
+    wait_until(lambda: len(backend.calls) >= calls_before + 5)
+    assert harness.count("c", "dead") == dead_before  # no attempt burnt after the restart
+    backend.handler = ok
+    wait_until(lambda: harness.settled("c"))
+    assert harness.count("c", "pushed") == 2 - dead_before
 
 
 def test_failure_schedules_retry_with_jittered_backoff(
@@ -391,6 +472,59 @@ def test_garbage_collected_path_is_skipped_never_pushed(
     assert harness.value("paths_pushed_total", cache="c") == 2
     assert harness.value("paths_pushed_total", cache="d") == 0
     assert harness.value("dead_letters_total", cache="c") == 0
+
+
+def like_cachix(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+    """Upstream cachix: a path that is not valid is skipped with a warning, exit 0."""
+    return PushOutcome(True, 0.01)
+
+
+def test_path_skipped_by_a_successful_push_is_skipped_not_pushed(
+    harness: Harness, built: list[Built]
+) -> None:
+    harness.enqueue("c", [built[0].out, GONE, built[1].out])
+    harness.enqueue("d", [GONE])
+    c = ScriptedBackend("c", like_cachix)
+    d = ScriptedBackend("d", like_cachix)
+    harness.start({"c": cache("c", "cachix"), "d": cache("d", "cachix")}, {"c": c, "d": d})
+    wait_until(lambda: harness.settled("c") and harness.settled("d"))
+    # One push each, never retried: exit 0 is success, but the gone path was not uploaded.
+    assert len(c.calls) == 1 and len(d.calls) == 1
+    for name in ("c", "d"):
+        state, attempts, _next, _updated, reason = harness.item(name, GONE)
+        assert (state, attempts, reason) == ("skipped", 0, "invalid_path")
+    assert harness.count("c", "pushed") == 2
+    assert harness.value("paths_pushed_total", cache="c") == 2
+    assert harness.value("paths_pushed_total", cache="d") == 0
+    assert harness.value("paths_skipped_total", cache="c", reason="invalid_path") == 1
+    assert harness.value("paths_skipped_total", cache="d", reason="invalid_path") == 1
+    assert harness.value("pushes_succeeded_total", cache="d", backend="cachix") == 1
+    # last_success is about uploads: d uploaded nothing.
+    assert harness.value("last_success_timestamp_seconds", cache="c") > 0
+    no_upload = harness.registry.get_sample_value(
+        P + "last_success_timestamp_seconds", {"cache": "d"}
+    )
+    assert no_upload in (None, 0.0)
+    statuses = {s.cache: s for s in harness.queue.cache_statuses(["c", "d"])}
+    assert statuses["c"].last_success_at is not None
+    assert statuses["d"].last_success_at is None
+
+
+def test_real_cachix_skips_a_garbage_collected_path_and_the_bridge_says_so(
+    harness: Harness,
+    built: list[Built],
+    fake_cachix: Path,
+    token_file: Path,
+) -> None:
+    config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
+    harness.enqueue("cx", [built[4].out, GONE])
+    harness.start({"cx": config}, {"cx": CachixBackend(config)})
+    wait_until(lambda: harness.settled("cx"), timeout=30)
+    assert narinfo(fake_cachix / "cx", built[4]).exists()
+    assert harness.item("cx", GONE)[0] == "skipped"
+    assert harness.item("cx", built[4].out)[0] == "pushed"
+    assert harness.value("paths_pushed_total", cache="cx") == 1
+    assert harness.value("pushes_succeeded_total", cache="cx", backend="cachix") == 1
 
 
 # -- fairness between caches -------------------------------------------------------------

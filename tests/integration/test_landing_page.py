@@ -103,7 +103,7 @@ def test_landing_page_tells_the_story_in_a_real_browser(
     # Per cache: its state and counts. team took the poison path's batch-mates after the
     # failure, so it is up; the poison path is a dead letter.
     assert "team up since" in text and "mirror up since" in text
-    assert re.search(r"mirror up since \d+s ago the last push succeeded 0 0 3 0 0 ", text), text
+    assert re.search(r"mirror up since \d+s ago takes pushes 0 0 3 0 0 ", text), text
     # Dead letters, with the command that puts them back.
     assert "1 path(s) exhausted their attempts" in text
     assert f"hydra-cachix-bridge retry --config {daemon.config} --all" in text

@@ -180,7 +180,7 @@ def test_hanging_cache_is_killed_at_timeout_and_never_delays_the_other_cache(
     assert daemon.counts("team")["pending"] == 4
 
 
-def test_always_failing_cache_dead_letters_while_the_other_cache_receives_everything(
+def test_always_failing_cache_is_down_and_waits_while_the_other_cache_receives_everything(
     daemon_factory: Callable[..., DaemonProcess],
     tmp_path: Path,
     workdir: Path,
@@ -188,6 +188,8 @@ def test_always_failing_cache_dead_letters_while_the_other_cache_receives_everyt
     token: Path,
     report: dict[str, Any],
 ) -> None:
+    # Issue 12 changed this: a cache that fails every push is down, and its paths wait
+    # with it (no attempts spent) instead of being dead-lettered.
     mirror = tmp_path / "mirror"
     daemon = daemon_factory(
         FAST
@@ -205,7 +207,7 @@ def test_always_failing_cache_dead_letters_while_the_other_cache_receives_everyt
         message="mirror pushes",
     )
     report["mirror_complete_after_seconds"] = round(time.monotonic() - started, 2)
-    wait_for(lambda: daemon.counts("team").get("dead") == 4, message="four dead letters")
+    wait_for(lambda: daemon.metric(FAILED, cache="team", reason="exit_status") >= 6)
     report["team_failed_pushes"] = daemon.metric(FAILED, cache="team", reason="exit_status")
     assert daemon.counts("mirror") == {
         "pending": 0,
@@ -214,19 +216,22 @@ def test_always_failing_cache_dead_letters_while_the_other_cache_receives_everyt
         "skipped": 0,
         "dead": 0,
     }
-    assert daemon.counts("team")["pushed"] == 0
-    assert daemon.metric(DEAD, cache="team") == 4
+    team = daemon.counts("team")
+    assert team["pushed"] == team["dead"] == 0
+    assert team["pending"] + team["inflight"] == 4
+    assert daemon.metric(DEAD, cache="team") == 0
     assert daemon.metric(DEAD, cache="mirror") == 0
-    assert daemon.metric(FAILED, cache="team", reason="exit_status") >= 4
+    assert daemon.metric("hydra_cachix_bridge_cache_up", cache="team") == 0
+    assert daemon.metric("hydra_cachix_bridge_cache_up", cache="mirror") == 1
     assert daemon.metric(FAILED, cache="mirror") == 0
     log = daemon.log()
-    assert log.count("dead-lettered /nix/store/") == 4
+    assert "dead-lettered /nix/store/" not in log
+    assert log.count("cache team is down:") == 1
     assert "to team failed (exit_status" in log
-    dead = status_of(daemon)["dead_letters"]
-    assert sorted(d["path"] for d in dead) == sorted(item.out for item in items)
-    assert all(
-        "cachix push exited 1" in d["error"] and "injected failure" in d["error"] for d in dead
-    )
+    [entry] = [c for c in status_of(daemon)["caches"] if c["cache"] == "team"]
+    assert entry["state"] == "down"
+    assert "cachix push exited 1" in entry["down_error"]
+    assert "injected failure" in entry["down_error"]
     assert daemon.health()[0] == 200
 
 
@@ -241,11 +246,23 @@ def test_backend_killed_by_a_signal_is_counted_logged_and_dead_lettered(
     token: Path,
     report: dict[str, Any],
 ) -> None:
-    daemon = daemon_factory(
-        FAST + "max_attempts = 2\n" + cachix("team", token), env={"FAKE_CACHIX_CRASH": "1"}
+    # The cache first takes one path, so that a path that then crashes cachix every time is
+    # the path's fault (issue 12: with no push succeeding at all, the cache would be down).
+    (good, item) = build(workdir, 2)
+    shim = tmp_path / "cachix-shim"
+    shim.write_text(
+        "#!/bin/sh\ninput=$(cat)\n"
+        f'case "$input" in *{item.hash}*) export FAKE_CACHIX_CRASH=1 ;; esac\n'
+        # exec with the paths on stdin, so that the signal ends this very process
+        f'exec {fake_cachix.parent / "fake-bin" / "cachix"} "$@" <<EOF\n$input\nEOF\n'
     )
-    (item,) = build(workdir, 1)
-    enqueue_all(daemon, tmp_path, [item])
+    shim.chmod(0o755)
+    daemon = daemon_factory(
+        FAST + "max_attempts = 2\n" + cachix("team", token, f'executable = "{shim}"\n')
+    )
+    enqueue_all(daemon, tmp_path, [good])
+    wait_for(lambda: daemon.counts("team").get("pushed") == 1, message="first path pushed")
+    enqueue_all(daemon, tmp_path, [item], first_id=2)
     wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
     assert daemon.metric(FAILED, cache="team", reason="signal") == 2
     assert daemon.metric(FAILED, cache="team", reason="exit_status") == 0
@@ -257,7 +274,8 @@ def test_backend_killed_by_a_signal_is_counted_logged_and_dead_lettered(
     (dead,) = status_of(daemon)["dead_letters"]
     assert dead["path"] == item.out and dead["reason"] == "signal"
     assert "cachix push killed by SIGSEGV" in dead["error"]
-    assert [c["exit"] for c in calls(tmp_path)] == [-11, -11]
+    crashes = [c["exit"] for c in calls(tmp_path) if item.out in c["paths"]]
+    assert crashes == [-11, -11]
     assert not narinfo(fake_cachix / "team", item).is_file()
     assert daemon.health()[0] == 200
 
@@ -278,14 +296,15 @@ def test_missing_backend_executable_is_a_spawn_error_and_the_daemon_stays_health
     )
     items = build(workdir, 2)
     enqueue_all(daemon, tmp_path, items[:1])
-    wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
-    assert daemon.metric(FAILED, cache="team", reason="spawn_error") == 2
-    assert daemon.metric(DEAD, cache="team") == 1
-    (dead,) = status_of(daemon)["dead_letters"]
-    report["dead_letter_error"] = dead["error"]
-    assert dead["reason"] == "spawn_error"
-    assert dead["error"] == "/nonexistent/cachix: No such file or directory"
-    assert "to team failed (spawn_error, attempt 2): /nonexistent/cachix" in daemon.log()
+    # Issue 12: every push fails, so the cache is down and the path waits (not dead).
+    wait_for(lambda: daemon.metric(FAILED, cache="team", reason="spawn_error") >= 2)
+    assert daemon.metric(DEAD, cache="team") == 0
+    assert daemon.counts("team")["dead"] == 0
+    [entry] = [c for c in status_of(daemon)["caches"] if c["cache"] == "team"]
+    report["down_error"] = entry["down_error"]
+    assert entry["state"] == "down"
+    assert entry["down_error"] == "/nonexistent/cachix: No such file or directory"
+    assert "to team failed (spawn_error, attempt 1): /nonexistent/cachix" in daemon.log()
     text = bridge("status", "--config", str(daemon.config), env=daemon.env)
     assert text.returncode == 0 and "/nonexistent/cachix: No such file or directory" in text.stdout
     # Healthy, and the other cache still works, before and after.

@@ -20,8 +20,7 @@ _USERINFO = re.compile(r"(://[^/\s:@]*):[^@\s/]*@")
 class CacheState:
     """Whether a cache takes pushes, as far as the bridge knows."""
 
-    up: bool | None
-    """None before the first push."""
+    up: bool
     since: float | None
     detail: str
 
@@ -31,7 +30,6 @@ class LandingSnapshot:
     """Everything the page shows, read at request time."""
 
     statuses: Sequence[CacheStatus]
-    states: dict[str, CacheState]
     dead: Sequence[DeadLetter]
     quarantine: QuarantineSummary | None
     log_sources: Sequence[tuple[str, bool]]
@@ -39,18 +37,22 @@ class LandingSnapshot:
     config_file: str | None
 
 
-def derive_cache_state(status: CacheStatus) -> CacheState:
-    """Up or down from the last push outcomes (the last push failed: down).
-
-    TODO(issue 12): read the queue database's cache-state table once it exists, so a
-    cache is down only while every push to it fails, not after one poison path.
-    """
-    success, failure = status.last_success_at, status.last_failure_at
-    if success is None and failure is None:
-        return CacheState(None, None, "no push yet")
-    if failure is not None and (success is None or failure > success):
-        return CacheState(False, failure, "the last push failed")
-    return CacheState(True, success, "the last push succeeded")
+def cache_state(status: CacheStatus) -> CacheState:
+    """Up or down as the push workers keep it (cache_health): down while every push fails."""
+    health = status.health
+    if health is not None and not health.up:
+        parts = [f"{health.failures} failed push(es) since"]
+        if health.next_try_at is not None:
+            parts.append(
+                "next try at "
+                + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.next_try_at))
+            )
+        if health.last_error:
+            parts.append(f"last error: {redact_error(health.last_error)}")
+        return CacheState(False, health.down_since, "; ".join(parts))
+    if status.last_success_at is None and status.last_failure_at is None:
+        return CacheState(True, None, "no push yet")
+    return CacheState(True, status.last_success_at, "takes pushes")
 
 
 def redact_error(text: str) -> str:
@@ -84,7 +86,7 @@ table{border-collapse:collapse;margin:.5em 0 1em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
 td.n{text-align:right}
-.up{color:#176317;font-weight:bold}.down{color:#a31515;font-weight:bold}.unknown{color:#666}
+.up{color:#176317;font-weight:bold}.down{color:#a31515;font-weight:bold}
 code{background:#f3f3f3;padding:0 .2em}
 .err{font-family:monospace;white-space:pre-wrap;color:#a31515}
 """
@@ -133,11 +135,9 @@ def _caches(snapshot: LandingSnapshot, now: float) -> list[str]:
     rows = ["<h2>Caches</h2>", f"<table><tr>{head}</tr>"]
     errors: list[str] = []
     for status in snapshot.statuses:
-        state = snapshot.states.get(status.cache) or derive_cache_state(status)
-        if state.up is None:
-            label, css = "unknown", "unknown"
-        else:
-            label, css = ("up", "up") if state.up else ("down", "down")
+        state = cache_state(status)
+        label = "up" if state.up else "down"
+        css = label
         since = f" since {_when(now, state.since)}" if state.since is not None else ""
         counts = "".join(f'<td class="n">{status.counts.get(s, 0)}</td>' for s in STATES)
         oldest = (
