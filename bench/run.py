@@ -40,6 +40,7 @@ from bridge.daemon import Daemon as BridgeDaemonForMetrics  # noqa: E402
 from bridge.events import Event, hook_envelope, hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
 from bridge.ingest import Ingestor  # noqa: E402
+from bridge.nixbuild import nix_build_command  # noqa: E402
 from bridge.queue import Queue  # noqa: E402
 from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
 from bridge.store import NixStore  # noqa: E402
@@ -355,9 +356,11 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
             nonce = f"{list(variants).index(name)}-{rep}-{time.time_ns()}"
             expr = work / f"b-{rep}-{abs(hash(name))}.nix"
             expr.write_text(nix_expression([f"bl-{nonce}-{i}" for i in range(sizes.builds)]))
-            args = ["nix-build", str(expr), "--no-out-link", "--option", "max-jobs", "1"]
+            args = [str(expr), "--no-out-link", "--option", "max-jobs", "1"]
             if hook is not None:
                 args += ["--option", "post-build-hook", str(hook)]
+            # Every variant alike (inside a chroot each is wrapped; see bridge/nixbuild.py).
+            args = nix_build_command(args, with_hook=True)
             started = time.perf_counter()
             done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:

@@ -18,6 +18,7 @@ from pathlib import Path
 from bridge.config import Config, default_config, load_config
 from bridge.daemon import Daemon, DaemonError
 from bridge.hookscript import render_hook_script
+from bridge.nixbuild import nix_build_command
 from bridge.queue import Queue, QueueError
 from bridge.spool import SpoolLayout
 
@@ -132,7 +133,9 @@ def _build(
 ) -> list[str]:
     """nix-build the expression with the hook, printing each derivation as it starts."""
     env = dict(os.environ, NIX_CONFIG=os.environ.get("NIX_CONFIG", "") + "\nsubstituters =")
-    command = ["nix-build", str(expr), "--no-out-link", "--option", "post-build-hook", str(hook)]
+    command = nix_build_command(
+        [str(expr), "--no-out-link", "--option", "post-build-hook", str(hook)], with_hook=True
+    )
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.nixbuild import nix_build_command
+
 OFFLINE = "substituters =\nbuilders =\n"
 
 
@@ -78,9 +80,10 @@ def nix_expression(names: list[str], *, depends_on_first: bool = False) -> str:
 def _nix_build(
     expr: Path, hook: Path | None, env: dict[str, str] | None
 ) -> subprocess.CompletedProcess[str]:
-    args = ["nix-build", str(expr), "--no-out-link"]
+    args = [str(expr), "--no-out-link"]
     if hook is not None:
         args += ["--option", "post-build-hook", str(hook)]
+    args = nix_build_command(args, with_hook=hook is not None)
     done = subprocess.run(
         args, capture_output=True, text=True, env=offline_env(env), check=False, timeout=300
     )
