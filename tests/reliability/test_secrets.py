@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -372,15 +371,6 @@ def test_token_file_with_a_nul_byte_fails_the_push_with_backoff(
 # ----------------------------------------------------------------------------- in process
 
 
-@pytest.fixture
-def nobody_dir() -> Iterator[Path]:
-    """A directory the user nobody can enter (pytest's tmp_path is private to root)."""
-    directory = Path(tempfile.mkdtemp(prefix="hcb-secrets-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory)
 
 
 def secret_error(path: Path) -> str:
@@ -390,7 +380,7 @@ def secret_error(path: Path) -> str:
 
 
 def test_secret_errors_name_the_file_never_the_content(
-    tmp_path: Path, creds: Secrets, monkeypatch: pytest.MonkeyPatch, nobody_dir: Path
+    tmp_path: Path, creds: Secrets, monkeypatch: pytest.MonkeyPatch, shared_tmp: Path
 ) -> None:
     cases: dict[str, Path] = {}
     not_utf8 = tmp_path / "not-utf8"
@@ -415,7 +405,13 @@ def test_secret_errors_name_the_file_never_the_content(
     assert read_secret(Path("cachix-token")) == creds.token
 
     # Unreadable for the reading user: read as nobody, a root-owned 0600 file.
-    unreadable = nobody_dir / "root-only-token"
+    unreadable = shared_tmp / "root-only-token"
+    # nobody may not enter the checkout (a clone under /root is root's alone): a copy.
+    shutil.copytree(
+        Path(__file__).parents[2] / "bridge",
+        shared_tmp / "lib" / "bridge",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     unreadable.write_text(creds.token + "\n")
     unreadable.chmod(0o600)
     done = subprocess.run(
@@ -437,7 +433,7 @@ def test_secret_errors_name_the_file_never_the_content(
         ],
         capture_output=True,
         text=True,
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).parents[2])},
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(shared_tmp / "lib")},
         cwd="/",
         check=False,
         timeout=30,
