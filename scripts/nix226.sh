@@ -85,6 +85,9 @@ build_image() {
   # nix-bin without recommends has no nix.conf; Nix's default build group does not exist.
   mkdir -p "$root/etc/nix"
   printf 'build-users-group =\nsandbox = false\n' > "$root/etc/nix/nix.conf"
+  # Open the store once: two Nix processes that first open a new store at the same time race
+  # creating its gcroots (Nix 2.26: "creating symlink .../gcroots/profiles: File exists").
+  in_root nix-store --gc --print-roots >/dev/null
   # pip inside the chroot trusts what the host trusts (this network may re-sign TLS).
   cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca.crt"
   copy_project
