@@ -9,6 +9,8 @@ import pytest
 
 from bridge.nixbuild import in_chroot, nix_build_command
 
+pytestmark = pytest.mark.nix
+
 HOST = """\
 25 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 67 25 0:39 / /proc rw,relatime - proc proc rw
