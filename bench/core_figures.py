@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.install import normal_install  # noqa: E402
 from bridge.config import load_config  # noqa: E402
 from bridge.events import hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
@@ -76,18 +77,19 @@ def main() -> None:
 
     payload = work / "payload.json"
     payload.write_text(json.dumps(hydra_payload(1, item)))
+    # The producer as `pip install .` gives it, against the floor of the same interpreter.
+    python = normal_install(work / "install")
     cli = [
-        sys.executable,
-        "-m",
-        "bridge",
+        str(python.with_name("hydra-cachix-bridge")),
         "enqueue-hydra",
         "--config",
         str(config_file),
         "--json-file",
         str(payload),
     ]
-    bare = timed([sys.executable, "-c", "pass"], env, runs)
-    enqueue = timed(cli, env, runs)
+    installed_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    bare = timed([str(python), "-c", "pass"], installed_env, runs)
+    enqueue = timed(cli, installed_env, runs)
 
     hook = work / "hook.sh"
     hook.write_text(render_hook_script(layout))
@@ -130,8 +132,10 @@ def main() -> None:
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {when}"
     )
-    print(f"python3 -c pass           : {ms(bare)}")
+    print(f"venv python -c pass       : {ms(bare)}")
     print(f"enqueue-hydra (one event) : {ms(enqueue)}")
+    ratio = statistics.median(enqueue) / statistics.median(bare)
+    print(f"enqueue-hydra / floor     : {ratio:.2f}x (medians; target 1.5x)")
     print(f"sh -c true                : {ms(sh_true)}")
     print(f"hook-script hook          : {ms(hook_times)}")
     print(f"spool landing -> push start: {ms(latencies)}")

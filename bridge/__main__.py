@@ -1,6 +1,6 @@
 """Allow `python -m bridge`."""
 
-from bridge.cli import main
+from bridge.entry import main
 
 if __name__ == "__main__":
     main()

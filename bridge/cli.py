@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from bridge import __version__
-
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from bridge.config import Config
     from bridge.hydrastate import SourceStatus
+    from bridge.spooltarget import SpoolTarget
     from exporter.metrics import BridgeMetrics
 
 CONFIG_HELP = "TOML config file (default: $HYDRA_CACHIX_BRIDGE_CONFIG, else embedded defaults)."
@@ -45,8 +44,25 @@ def _load(config_path: Path | None) -> Config:
         sys.exit(1)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    # click.version_option would need the version when this module is imported.
+    if not value or ctx.resilient_parsing:
+        return
+    from bridge import __version__
+
+    click.echo(f"hydra-cachix-bridge, version {__version__}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="hydra-cachix-bridge")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 def main() -> None:
     """Push every Hydra build to Cachix or any Nix binary cache, without slowing Hydra down."""
 
@@ -94,31 +110,43 @@ def run(config_path: Path | None) -> None:
 )
 def enqueue_hydra(config_path: Path | None, json_file: Path | None) -> None:
     """Record a Hydra RunCommand payload in the spool and return at once (for <runcommand>)."""
+    # bridge.entry runs bridge.fastenqueue first; this is where every other case ends.
     import time
 
     from bridge.producers import PayloadRejected, record_hydra_payload
     from bridge.spool import SpoolLayout, SpoolUnavailable
 
-    config = _load(config_path)
+    target = _load_spool_target(config_path)
     source = json_file or (Path(os.environ["HYDRA_JSON"]) if os.environ.get("HYDRA_JSON") else None)
     if source is None:
         _fail("no payload: set $HYDRA_JSON (Hydra does) or pass --json-file", 2)
     try:
         with source.open("rb") as handle:
-            data = handle.read(config.spool.max_event_bytes + 1)
+            data = handle.read(target.max_event_bytes + 1)
     except OSError as exc:
         _fail(f"cannot read Hydra payload {source}: {exc.strerror}")
-    layout = SpoolLayout(config.spool_dir)
+    layout = SpoolLayout(Path(target.spool_dir))
     try:
-        event, target = record_hydra_payload(
-            layout, data, config.spool.max_event_bytes, time.time()
-        )
+        event, target_file = record_hydra_payload(layout, data, target.max_event_bytes, time.time())
     except (PayloadRejected, SpoolUnavailable) as exc:
         _fail(str(exc))
     click.echo(
         f"recorded build {event.build_id} ({event.project}:{event.jobset}:{event.job}) "
-        f"as {target.name}"
+        f"as {target_file.name}"
     )
+
+
+def _load_spool_target(config_path: Path | None) -> SpoolTarget:
+    """Only the settings the producers need (the daemon and check-config check the rest)."""
+    from bridge.spooltarget import TargetError, read_spool_target
+    from bridge.spooltarget import config_path as find_config
+
+    try:
+        return read_spool_target(find_config(None if config_path is None else str(config_path)))
+    except TargetError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
 
 
 @main.command("enqueue-hook")
