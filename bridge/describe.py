@@ -31,3 +31,17 @@ def next_try(at: float, now: float) -> str:
     return (
         f"next try in {max(0.0, at - now):.0f}s at {time.strftime('%H:%M:%S', time.localtime(at))}"
     )
+
+
+def age(now: float, then: float | None) -> str:
+    """How long ago, compact: `45s ago`, `12m34s ago`, `3h05m ago`, `2d04h ago`, or `never`."""
+    if then is None:
+        return "never"
+    s = max(0, int(now - then))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"

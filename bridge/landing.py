@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
+from bridge.describe import age
 from bridge.quarantine import QuarantineSummary
 from bridge.queue import STATES, CacheStatus, DeadLetter
 
@@ -60,24 +61,11 @@ def redact_error(text: str) -> str:
     return _USERINFO.sub(r"\1:***@", text)
 
 
-def _age(now: float, then: float | None) -> str:
-    if then is None:
-        return "never"
-    s = max(0, int(now - then))
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s ago"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m ago"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h ago"
-
-
 def _when(now: float, then: float | None) -> str:
     if then is None:
         return "never"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(then))
-    return f'<span title="{escape(stamp)}">{escape(_age(now, then))}</span>'
+    return f'<span title="{escape(stamp)}">{escape(age(now, then))}</span>'
 
 
 _STYLE = """
@@ -143,7 +131,7 @@ def _caches(snapshot: LandingSnapshot, now: float) -> list[str]:
         oldest = (
             "-"
             if status.oldest_pending_at is None
-            else escape(_age(now, status.oldest_pending_at).removesuffix(" ago"))
+            else escape(age(now, status.oldest_pending_at).removesuffix(" ago"))
         )
         rows.append(
             f"<tr><td>{escape(status.cache)}</td>"

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from bridge.cachehealth import format_time
 from bridge.config import Config
+from bridge.describe import age
 from bridge.hydrastate import SourceStatus
 from bridge.quarantine import QuarantineSummary
 from bridge.queue import CacheHealth, CacheStatus, DeadLetter
@@ -141,26 +142,13 @@ def render_config(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _age(now: float, then: float | None) -> str:
-    if then is None:
-        return "never"
-    s = max(0, int(now - then))
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s ago"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
-
-
 def _health(status: CacheStatus) -> CacheHealth:
     return status.health if status.health is not None else CacheHealth(status.cache)
 
 
 def _in(now: float, then: float) -> str:
     seconds = int(then - now)
-    return "due now" if seconds <= 0 else f"in {_age(then, now).removesuffix(' ago')}"
+    return "due now" if seconds <= 0 else f"in {age(then, now).removesuffix(' ago')}"
 
 
 def health_line(status: CacheStatus, now: float) -> str:
@@ -171,7 +159,7 @@ def health_line(status: CacheStatus, now: float) -> str:
     since = health.down_since or now
     retry = health.next_try_at or now
     return (
-        f"{status.cache}: DOWN since {format_time(since)} ({_age(now, since)}), "
+        f"{status.cache}: DOWN since {format_time(since)} ({age(now, since)}), "
         f"next try at {format_time(retry)} ({_in(now, retry)}), "
         f"{health.failures} failed push(es), last error: {health.last_error or '-'}"
     )
@@ -273,9 +261,9 @@ def render_status(
                 str(c["dead"]),
                 "-"
                 if s.oldest_pending_at is None
-                else _age(now, s.oldest_pending_at).removesuffix(" ago"),
-                _age(now, s.last_success_at),
-                _age(now, s.last_failure_at),
+                else age(now, s.oldest_pending_at).removesuffix(" ago"),
+                age(now, s.last_success_at),
+                age(now, s.last_failure_at),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -298,7 +286,7 @@ def render_status(
         for d in dead:
             lines.append(
                 f"  #{d.id} {d.cache} {d.path} ({d.attempts} attempts, "
-                f"{_age(now, d.updated_at)}): {d.reason}: {d.error}"
+                f"{age(now, d.updated_at)}): {d.reason}: {d.error}"
             )
     if quarantine is not None:
         lines += _render_quarantine(quarantine, now)
@@ -317,7 +305,7 @@ def _render_quarantine(quarantine: QuarantineSummary, now: float) -> list[str]:
     ]
     for q in quarantine.newest:
         lines.append(
-            f"  {_printable(q.quarantined_as)} ({_age(now, q.quarantined_at)}): "
+            f"  {_printable(q.quarantined_as)} ({age(now, q.quarantined_at)}): "
             f"{q.reason}: {_printable(q.message)}"
         )
     return lines
@@ -357,7 +345,7 @@ def render_hydra_db(status: SourceStatus | None, now: float, daemon_running: boo
         return "hydra database source: configured, never ran with this queue database\n"
     state = status.state if daemon_running else f"not running (last: {status.state})"
     lines = [
-        f"hydra database source: {state} since {_age(now, status.state_since)}",
+        f"hydra database source: {state} since {age(now, status.state_since)}",
         f"  checkpoint: builds finished up to {_when(status.checkpoint_stoptime)}"
         + (f" (build {status.checkpoint_build_id})" if status.checkpoint_build_id else ""),
         f"  newest build recorded: finished {_when(status.newest_stoptime)}",
