@@ -239,7 +239,13 @@ def without_created(registry: CollectorRegistry) -> CollectorRegistry:
     The client's own switch (disable_created_metrics) is process-global; this leaves other
     registries in the process, and the injected registry that tests read, untouched.
     """
-    exposed = CollectorRegistry(auto_describe=False)
+    # Without names of its own, the copy is collected for every `name[]` filter, which then
+    # keeps only the samples asked for. (Older clients lack the switch: the filter then
+    # matches nothing, the unfiltered scrape is unchanged.)
+    try:
+        exposed = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+    except TypeError:
+        exposed = CollectorRegistry(auto_describe=False)
     exposed.register(_WithoutCreated(registry))
     return exposed
 
