@@ -395,6 +395,11 @@ in
         ReadWritePaths = [ spool ] ++ lib.optional (!stateUnderVarLib) stateDir ++ fileCacheDirs;
         LoadCredential = credentials;
 
+        # Resource bounds (see contrib/systemd/hydra-cachix-bridge.service for the why).
+        LimitNOFILE = lib.mkDefault 16384;
+        TasksMax = lib.mkDefault 4096;
+        MemoryMax = lib.mkDefault "8G";
+
         NoNewPrivileges = true;
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
@@ -417,7 +422,10 @@ in
         RestrictSUIDSGID = true;
         RemoveIPC = true;
         LockPersonality = true;
-        MemoryDenyWriteExecute = true;
+        # cachix is a GHC program: its runtime makes FFI callback code (adjustors) by
+        # mprotect()ing a written page PROT_READ|PROT_EXEC, which this setting forbids
+        # (docs/deployment.md). Kept where only nix-copy caches run.
+        MemoryDenyWriteExecute = !usesCachix;
         SystemCallArchitectures = "native";
         SystemCallFilter = [
           "@system-service"
