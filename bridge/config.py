@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from bridge.events import HYDRA_SOURCES, SOURCES
 
@@ -334,6 +335,41 @@ def signs_paths(uri: str) -> bool:
     return store_scheme(uri) in SIGNING_SCHEMES
 
 
+# Store URI query keys whose value is itself a secret (`secret-key=` and `ssh-key=` name
+# files, and are fine). A URI is on `nix copy`'s command line, in its error messages and
+# in the logs; secrets must come another way.
+_SECRET_QUERY_WORDS = ("secret", "password", "passwd", "token", "access-key", "access_key")
+_PATH_QUERY_KEYS = ("secret-key", "ssh-key")
+
+
+def uri_credentials(uri: str) -> str | None:
+    """Why a store URI must not be used as it is (it carries a credential), or None."""
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:  # e.g. an unbalanced [ in the host: Nix will say what is wrong
+        return None
+    if password is not None:
+        return (
+            "holds a password (user:password@): it would be on nix's command line "
+            "(/proc/PID/cmdline), in its errors, the logs and `status`. Use an SSH key "
+            "(ssh://, ssh-ng://), a netrc file (nix.conf netrc-file=, http(s)://) or AWS "
+            "credentials from the environment or a profile (s3://) instead"
+        )
+    for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+        lowered = key.lower()
+        if lowered in _PATH_QUERY_KEYS:
+            continue
+        if any(word in lowered for word in _SECRET_QUERY_WORDS):
+            return (
+                f"parameter {key[:64]!r} looks like a credential: it would be on nix's "
+                "command line (/proc/PID/cmdline), in its errors, the logs and `status`. "
+                "Give credentials to Nix another way (AWS credentials from the environment "
+                "or a profile, a netrc file, an SSH key)"
+            )
+    return None
+
+
 def _unsigned_store_message(uri: str) -> str:
     scheme = store_scheme(uri)
     kind = f"{scheme}://" if scheme else f"{uri.partition('?')[0]!r}"
@@ -377,6 +413,9 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
         for key in ("cachix_config", "hostname", "auth_token_file"):
             if key in table:
                 r.error(key, "is only for backend cachix")
+    problem = uri_credentials(cache.uri) if cache.uri else None
+    if problem is not None:
+        r.error("uri", problem)
     if backend == "nix-copy" and cache.uri and not signs_paths(cache.uri):
         if cache.signing_key_file is not None:
             r.error("signing_key_file", _unsigned_store_message(cache.uri))

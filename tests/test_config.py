@@ -536,6 +536,40 @@ class TestErrors:
         assert only_problem(path).startswith(f"{path}:caches.m.uri: secret-key=: Nix signs only")
 
     @pytest.mark.parametrize(
+        ("uri", "said"),
+        [
+            ("https://alice:hunter2@cache.example/upload", "holds a password"),
+            ("ssh://alice:hunter2@builder", "holds a password"),
+            ("ssh-ng://alice:@builder", "holds a password"),
+            ("s3://bucket?region=eu-west-1&aws_secret_access_key=hunter2", "parameter"),
+            ("https://cache.example?token=hunter2", "parameter"),
+            ("s3://bucket?Password=hunter2", "parameter"),
+        ],
+    )
+    def test_credentials_in_a_store_uri_are_refused(
+        self, write_config: Writer, uri: str, said: str
+    ) -> None:
+        """Finding 9: a URI is on nix's command line, in errors, logs and `status`."""
+        path = write_config(f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\n')
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:caches.m.uri: {said}"), problem
+        assert "/proc/PID/cmdline" in problem
+        assert "hunter2" not in problem
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "ssh://alice@builder:2222",
+            "ssh-ng://builder?ssh-key=/run/keys/id&compress=true",
+            "s3://bucket?region=eu-west-1&profile=cache&secret-key=/run/keys/k",
+            "https://cache.example/upload?compression=zstd",
+        ],
+    )
+    def test_store_uris_without_credentials_are_fine(self, write_config: Writer, uri: str) -> None:
+        path = write_config(f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\n')
+        assert load_config(path).caches["m"].uri == uri
+
+    @pytest.mark.parametrize(
         "uri",
         [
             "file:///srv/cache",
