@@ -407,9 +407,7 @@ class PushWorkers:
         """The backend could not start (EMFILE, EAGAIN, ENOMEM): wait briefly, uncharged."""
         until = now + EXHAUSTED_RETRY_SECONDS
         error = outcome.error or "cannot start the backend"
-        self._persist(
-            lambda: queue.defer(items, until, reason="spawn_error", error=error, now=now)
-        )
+        self._persist(lambda: queue.defer(items, until, reason="spawn_error", error=error, now=now))
         self.metrics.pushes_failed.labels(cache, config.backend, "spawn_error").inc()
         log.warning(
             "cannot start the push of %d path(s) to %s for now (%s); no attempt counted, "
