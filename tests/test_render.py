@@ -467,3 +467,28 @@ class TestCacheHealth:
         assert entry["failed_pushes_while_down"] == 12
         assert entry["down_error"] == DOWN.last_error
         json.dumps(doc, allow_nan=False)
+
+
+class TestHostileText:
+    """Issue 11 finding 10: event text never forges or hides lines in `status`."""
+
+    FORGED = "boom\nmycache: up\x1b[2J\u202egnp.evil"
+
+    def test_errors_and_paths_are_escaped_in_the_table(self) -> None:
+        text = render_status(
+            [status(last_error=self.FORGED, last_failure_at=NOW - 1)],
+            [dead(7, error=self.FORGED, path=OUT + "\u202e")],
+            NOW,
+            True,
+        )
+        assert "\x1b" not in text and "\u202e" not in text
+        assert "mycache: up\\x1b[2J\\u202egnp.evil" in text
+        # No line of the table starts with the forged text.
+        assert not any(line.startswith("mycache: up") for line in text.splitlines())
+        lines = [line for line in text.splitlines() if "boom" in line]
+        assert len(lines) == 2 and all("boom\\nmycache" in line for line in lines)
+
+    def test_down_reason_is_escaped(self) -> None:
+        health = CacheHealth("mycache", NOW - 10, NOW + 10, 1, self.FORGED)
+        text = render_status([status(health=health)], [], NOW, True)
+        assert "\x1b" not in text and "\u202e" not in text and "\\nmycache: up" in text
