@@ -141,6 +141,8 @@ class MetricsSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     per_jobset: bool = False
+    # Distinct (project, jobset) label pairs before the rest share project/jobset "(other)".
+    per_jobset_limit: int = 200
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ def default_config(state_dir: Path | None = None) -> Config:
 MAX_SECONDS = 365 * 86400.0
 MAX_INTEGER = 2**31 - 1
 MAX_WORKERS = 1024
+MAX_JOBSET_LABELS = 100_000
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -561,6 +564,9 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         tls_cert_file=_under(base, m.path("tls_cert_file")),
         tls_key_file=_under(base, m.path("tls_key_file")),
         per_jobset=m.get("per_jobset", bool, dm.per_jobset),
+        per_jobset_limit=m.number(
+            "per_jobset_limit", dm.per_jobset_limit, 1, integer=True, maximum=MAX_JOBSET_LABELS
+        ),
     )
     if (metrics.tls_cert_file is None) != (metrics.tls_key_file is None):
         m.error("tls_cert_file", "tls_cert_file and tls_key_file must be set together")

@@ -93,6 +93,7 @@ class Daemon:
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
+            per_jobset_limit=config.metrics.per_jobset_limit,
             log_sources=[str(source.path) for source in config.log_sources],
         )
         self.hydra_db_metrics: HydraDbMetrics | None = None

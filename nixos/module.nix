@@ -256,6 +256,7 @@ in
                 listen_address = setting types.str "127.0.0.1" "Address for /metrics and /healthz (IPv4 or IPv6).";
                 port = setting types.port 10198 "Port for /metrics and /healthz.";
                 per_jobset = setting types.bool false "Label push metrics with project and jobset.";
+                per_jobset_limit = setting types.ints.positive 200 "Distinct project/jobset label pairs; the rest are counted as (other).";
               };
             };
           };

@@ -274,7 +274,7 @@ class TestExampleConfig:
             "[push]\nshutdown_grace_seconds = 3\n"
             "[spool]\nmax_event_bytes = 4096\nrescan_seconds = 0.5\ngroup_writable = true\n"
             '[metrics]\nenabled = false\nlisten_address = "0.0.0.0"\nport = 9300\n'
-            "per_jobset = true\n"
+            "per_jobset = true\nper_jobset_limit = 50\n"
             '[caches.c]\nbackend = "cachix"\nhostname = "https://cachix.example"\n'
             'executable = "/opt/cachix"\nmax_parallel = 2\n'
             '[[log_sources]]\npath = "logs/hook.log"\n'
@@ -286,7 +286,7 @@ class TestExampleConfig:
         assert config.push.shutdown_grace_seconds == 3.0
         assert config.spool == SpoolSettings(4096, 0.5, True)
         assert config.metrics == MetricsSettings(
-            enabled=False, listen_address="0.0.0.0", port=9300, per_jobset=True
+            enabled=False, listen_address="0.0.0.0", port=9300, per_jobset=True, per_jobset_limit=50
         )
         assert config.caches["c"].hostname == "https://cachix.example"
         assert config.caches["c"].executable == "/opt/cachix"
@@ -857,6 +857,7 @@ TYPED: dict[str, st.SearchStrategy[Any]] = {
     "group_writable": st.booleans(),
     "enabled": st.booleans(),
     "per_jobset": st.booleans(),
+    "per_jobset_limit": st.integers(-5, 200_000),
     "resolve_derivations": st.booleans(),
     "listen_address": st.sampled_from(["127.0.0.1", "::1", "", "x"]),
     "tls_cert_file": PATHS,
