@@ -116,6 +116,9 @@ class MetricsServer:
         self._wake_r.setblocking(False)
         self._stopping = threading.Event()
         self._accept_paused_until = 0.0
+        # Requests handed to the pool and not yet answered: capped like waiting ones.
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="metrics-http", daemon=True)
 
     @property
@@ -276,12 +279,25 @@ class MetricsServer:
             conn.sock.close()
 
     def _dispatch(self, conn: _Connection) -> None:
+        with self._in_flight_lock:
+            busy = self._in_flight >= self.max_pending
+            if not busy:
+                self._in_flight += 1
+        if busy:
+            # Every handler is stuck (e.g. a slow landing page): answer at once, hold nothing.
+            self._refuse(conn, b"503 Service Unavailable")
+            return
         self._forget(conn)
         try:
             self.pool.submit(self._handle, conn)
         except RuntimeError:  # shutting down
+            self._finished()
             with contextlib.suppress(OSError):
                 conn.sock.close()
+
+    def _finished(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
 
     # -- a handler thread -----------------------------------------------------------------
 
@@ -294,6 +310,7 @@ class MetricsServer:
             if not isinstance(exc, OSError | ssl.SSLError):
                 log.exception("metrics server: request failed")
         finally:
+            self._finished()
             with contextlib.suppress(OSError):
                 sock.close()
 

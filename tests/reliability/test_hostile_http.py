@@ -270,3 +270,48 @@ def test_out_of_descriptors_the_server_sheds_idle_clients_and_still_serves(
     finally:
         child.kill()
         child.wait(timeout=10)
+
+
+def test_requests_beyond_the_cap_while_handlers_are_stuck_get_503_at_once(
+    registry: CollectorRegistry,
+) -> None:
+    release = threading.Event()
+
+    def slow_page() -> str:
+        release.wait(10)
+        return "<p>late</p>"
+
+    server = MetricsServer(
+        registry,
+        list,
+        address="127.0.0.1",
+        port=0,
+        version="t",
+        landing=slow_page,
+        handler_threads=1,
+        max_pending=2,
+    )
+    server.start()
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(2):  # these two hold the only handler and the queue behind it
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            clients.append(client)
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(2)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(64).startswith(b"HTTP/1.0 503")
+        extra.close()
+        release.set()
+        for client in clients:
+            client.settimeout(5)
+            assert client.recv(64).startswith(b"HTTP/1.0 200")
+        _, (status, _, _) = scrape(f"http://127.0.0.1:{server.port}/metrics")
+        assert status == 200
+    finally:
+        release.set()
+        for client in clients:
+            client.close()
+        server.stop()
