@@ -248,8 +248,9 @@ def store_fifo_drv(tmp_path: Path) -> Iterator[str]:
     if not found:
         pytest.skip("this Nix leaves no link behind when adding a symlink named *.drv")
     yield str(found[0])
-    for path in found:
-        path.unlink()
+    # The link and the lock file the interrupted `nix-store --add` left behind.
+    for path in [*found, *Path("/nix/store").glob(f"*-{link.name}.lock")]:
+        path.unlink(missing_ok=True)
 
 
 def test_a_store_drv_that_links_to_a_fifo_does_not_block(store_fifo_drv: str) -> None:
