@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -621,19 +622,62 @@ def ingest_throughput(sizes: Sizes, work: Path) -> Result:
         ),
     ]
     result.notes.append(
-        "Half Hydra payloads, half hook events, each with two output paths; "
+        "Half Hydra payloads (each naming a real, instantiated derivation, whose outputs "
+        "the daemon checks against its .drv file), half hook events, each with two output "
+        "paths; "
         "500 files per transaction, each file removed after its commit."
     )
     return result
 
 
+_DERIVATIONS: dict[int, list[tuple[str, str, str]]] = {}
+
+
+def real_derivations(count: int, work: Path) -> list[tuple[str, str, str]]:
+    """(drv, out, dev) of count new two-output derivations, instantiated (never built).
+
+    Hydra events name their drvPath, whose outputs the daemon checks in the store: the
+    events must name real derivations, as Hydra's do.
+    """
+    if count in _DERIVATIONS:
+        return _DERIVATIONS[count]
+    nonce = os.urandom(4).hex()
+    lines = ["{"]
+    for index in range(count):
+        lines.append(
+            f'  d{index} = derivation {{ name = "hcb-bench-{nonce}-{index}"; '
+            'system = builtins.currentSystem; builder = "/bin/sh"; outputs = [ "out" "dev" ]; '
+            'args = [ "-c" ":" ]; };'
+        )
+    lines.append("}")
+    expr = work / f"bench-derivations-{nonce}.nix"
+    expr.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        ["nix-instantiate", str(expr)],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        check=True,
+        timeout=1800,
+    )
+    found = []
+    for drv in done.stdout.split():
+        text = Path(drv).read_text()
+        outputs = dict(re.findall(r'\("(out|dev)","(/nix/store/[^"]+)"', text.split("],", 1)[0]))
+        found.append((drv, outputs["out"], outputs["dev"]))
+    _DERIVATIONS[count] = found
+    return found
+
+
 def _write_events(layout: SpoolLayout, count: int) -> None:
     now = time.time()
+    derivations = real_derivations((count + 1) // 2, layout.root.parent)
     for index in range(count):
         paths = [fake_path(2 * index, "ingest"), fake_path(2 * index + 1, "ingest")]
         if index % 2:
             document = hook_envelope("", " ".join(paths), now)
         else:
+            drv, out, dev = derivations[index // 2]
             document = hydra_envelope(
                 {
                     "event": "buildFinished",
@@ -643,11 +687,11 @@ def _write_events(layout: SpoolLayout, count: int) -> None:
                     "jobset": "j",
                     "job": f"job{index}",
                     "buildStatus": 0,
-                    "drvPath": fake_path(index, "ingest") + ".drv",
+                    "drvPath": drv,
                     "stopTime": int(now),
                     "outputs": [
-                        {"name": "out", "path": paths[0]},
-                        {"name": "dev", "path": paths[1]},
+                        {"name": "out", "path": out},
+                        {"name": "dev", "path": dev},
                     ],
                 },
                 now,

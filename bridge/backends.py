@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from bridge.config import CacheConfig
 from bridge.process import CommandResult, run_command
+from bridge.safeopen import TRANSIENT_ERRNOS
 from bridge.secrets import SecretError, read_secret, redact, resolve_secret_path
 
 # Bounded set of push failure reasons; used as a metric label.
@@ -26,6 +27,9 @@ class PushOutcome:
     reason: str | None = None
     error: str | None = None
     cancelled: bool = False
+    # The backend could not even start for want of descriptors, processes or memory: the
+    # machine's fault, not the paths', so no attempt is charged.
+    exhausted: bool = False
 
 
 class Backend(Protocol):
@@ -50,7 +54,11 @@ def outcome_from(result: CommandResult, program: str, secrets: list[str]) -> Pus
     tail = _last_lines(redact(result.output, secrets))
     if result.spawn_error is not None:
         return PushOutcome(
-            False, result.duration, "spawn_error", redact(result.spawn_error, secrets)
+            False,
+            result.duration,
+            "spawn_error",
+            redact(result.spawn_error, secrets),
+            exhausted=result.spawn_errno in TRANSIENT_ERRNOS,
         )
     if result.cancelled:
         return PushOutcome(

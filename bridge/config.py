@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from bridge.events import HYDRA_SOURCES, SOURCES
 
@@ -140,6 +141,8 @@ class MetricsSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     per_jobset: bool = False
+    # Distinct (project, jobset) label pairs before the rest share project/jobset "(other)".
+    per_jobset_limit: int = 200
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ def default_config(state_dir: Path | None = None) -> Config:
 MAX_SECONDS = 365 * 86400.0
 MAX_INTEGER = 2**31 - 1
 MAX_WORKERS = 1024
+MAX_JOBSET_LABELS = 100_000
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -334,6 +338,41 @@ def signs_paths(uri: str) -> bool:
     return store_scheme(uri) in SIGNING_SCHEMES
 
 
+# Store URI query keys whose value is itself a secret (`secret-key=` and `ssh-key=` name
+# files, and are fine). A URI is on `nix copy`'s command line, in its error messages and
+# in the logs; secrets must come another way.
+_SECRET_QUERY_WORDS = ("secret", "password", "passwd", "token", "access-key", "access_key")
+_PATH_QUERY_KEYS = ("secret-key", "ssh-key")
+
+
+def uri_credentials(uri: str) -> str | None:
+    """Why a store URI must not be used as it is (it carries a credential), or None."""
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:  # e.g. an unbalanced [ in the host: Nix will say what is wrong
+        return None
+    if password is not None:
+        return (
+            "holds a password (user:password@): it would be on nix's command line "
+            "(/proc/PID/cmdline), in its errors, the logs and `status`. Use an SSH key "
+            "(ssh://, ssh-ng://), a netrc file (nix.conf netrc-file=, http(s)://) or AWS "
+            "credentials from the environment or a profile (s3://) instead"
+        )
+    for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+        lowered = key.lower()
+        if lowered in _PATH_QUERY_KEYS:
+            continue
+        if any(word in lowered for word in _SECRET_QUERY_WORDS):
+            return (
+                f"parameter {key[:64]!r} looks like a credential: it would be on nix's "
+                "command line (/proc/PID/cmdline), in its errors, the logs and `status`. "
+                "Give credentials to Nix another way (AWS credentials from the environment "
+                "or a profile, a netrc file, an SSH key)"
+            )
+    return None
+
+
 def _unsigned_store_message(uri: str) -> str:
     scheme = store_scheme(uri)
     kind = f"{scheme}://" if scheme else f"{uri.partition('?')[0]!r}"
@@ -377,6 +416,9 @@ def _parse_cache(file: str, name: str, table: Any, problems: list[str]) -> Cache
         for key in ("cachix_config", "hostname", "auth_token_file"):
             if key in table:
                 r.error(key, "is only for backend cachix")
+    problem = uri_credentials(cache.uri) if cache.uri else None
+    if problem is not None:
+        r.error("uri", problem)
     if backend == "nix-copy" and cache.uri and not signs_paths(cache.uri):
         if cache.signing_key_file is not None:
             r.error("signing_key_file", _unsigned_store_message(cache.uri))
@@ -522,6 +564,9 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         tls_cert_file=_under(base, m.path("tls_cert_file")),
         tls_key_file=_under(base, m.path("tls_key_file")),
         per_jobset=m.get("per_jobset", bool, dm.per_jobset),
+        per_jobset_limit=m.number(
+            "per_jobset_limit", dm.per_jobset_limit, 1, integer=True, maximum=MAX_JOBSET_LABELS
+        ),
     )
     if (metrics.tls_cert_file is None) != (metrics.tls_key_file is None):
         m.error("tls_cert_file", "tls_cert_file and tls_key_file must be set together")

@@ -19,6 +19,7 @@ from bridge.backends import FAILURE_REASONS, Backend, make_backend
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
 from bridge.events import REJECT_REASONS, SOURCES
+from bridge.heartbeat import Heartbeat
 from bridge.ingest import Ingestor
 from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
@@ -40,6 +41,10 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 ORPHAN_CHECK_SECONDS = 60.0
 TICK_SECONDS = 1.0
 DEFERRED_RECHECK_SECONDS = 1.0
+# A busy ingest loop that reads no file for this long is stalled: /healthz turns 503 and
+# the watchdog is no longer fed. Above the store query timeout, the longest a single
+# event may legitimately take (an output lookup by `nix-store`).
+INGEST_STALL_SECONDS = 180.0
 LANDING_DEAD_LETTERS = 20
 
 
@@ -64,6 +69,7 @@ class Daemon:
         store: NixStore | None = None,
         rng: random.Random | None = None,
         serve_metrics: bool | None = None,
+        ingest_stall_seconds: float = INGEST_STALL_SECONDS,
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -87,6 +93,7 @@ class Daemon:
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
+            per_jobset_limit=config.metrics.per_jobset_limit,
             log_sources=[str(source.path) for source in config.log_sources],
         )
         self.hydra_db_metrics: HydraDbMetrics | None = None
@@ -107,6 +114,7 @@ class Daemon:
         self.ingestor: Ingestor | None = None
         self.follower: LogFollower | None = None
         self.ready = threading.Event()
+        self.ingest_heartbeat = Heartbeat(self.clock.monotonic, ingest_stall_seconds)
         # Set by a signal handler to interrupt a start that is waiting for the database.
         self.abort = threading.Event()
 
@@ -277,6 +285,7 @@ class Daemon:
             self.clock,
             on_enqueued=self.workers.wake,
             stop=self.stopping,
+            progress=self.ingest_heartbeat.beat,
         )
         try:
             self._ingest_until_stopped(ingestor)
@@ -289,6 +298,7 @@ class Daemon:
         while not self.stopping.is_set():
             timeout = max(0.0, next_rescan - self.clock.monotonic())
             batch: list[Notification] = []
+            self.ingest_heartbeat.idle()
             try:
                 # None asks for a rescan now (watch restored, or a failed initial scan).
                 first = self.notifications.get(timeout=timeout)
@@ -306,6 +316,7 @@ class Daemon:
                 pass
             if self.stopping.is_set():
                 break
+            self.ingest_heartbeat.busy()
             try:
                 closed = list(dict.fromkeys(path for path, final in batch if final))
                 created = [p for p in dict.fromkeys(p for p, _ in batch) if p not in closed]
@@ -384,6 +395,9 @@ class Daemon:
         dead = [t.name for t in self._threads if not t.is_alive()]
         if dead and not self.stopping.is_set():
             problems.append(f"thread(s) stopped: {', '.join(dead)}")
+        stalled = self.ingest_heartbeat.stalled_for()
+        if stalled is not None:
+            problems.append(f"ingest loop stalled: no event file processed for {stalled:.0f}s")
         return problems
 
     def landing_page(self) -> str:

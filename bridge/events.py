@@ -25,6 +25,7 @@ REJECT_REASONS = (
     "not_regular_file",
     "unreadable",
     "unresolved_outputs",
+    "foreign_outputs",
     "invalid_build_row",
 )
 

@@ -20,6 +20,7 @@ from bridge.intake import count_event
 from bridge.matching import match_event
 from bridge.quarantine import RejectionCounter
 from bridge.queue import Queue
+from bridge.safeopen import is_transient
 from bridge.spool import SpoolLayout, is_candidate, quarantine, read_event_file
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
@@ -63,8 +64,10 @@ class Ingestor:
         clock: Clock,
         on_enqueued: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
+        progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.stop = stop
+        self.progress = progress
         self.config = config
         self.layout = SpoolLayout(config.spool_dir)
         self.queue = queue
@@ -100,6 +103,7 @@ class Ingestor:
             if self.stop is not None and self.stop.is_set():
                 break  # files not read yet stay in the spool for the next start
             accepted = self._accept(path, stats, writer_closed)
+            self.progress()
             if accepted is not None:
                 chunk.append(accepted)
             if len(chunk) >= FILES_PER_TRANSACTION:
@@ -116,6 +120,9 @@ class Ingestor:
             return self._read(path, stats, writer_closed)
         except sqlite3.Error:
             raise  # the database, not this file: the whole pass is retried later
+        except MemoryError:
+            self._defer_transient(path, "out of memory", stats)
+            return None
         except Exception as exc:
             # Whatever else one file does must not stop the others from being read.
             log.exception("unexpected error reading event file %s", printable(path.name))
@@ -141,6 +148,8 @@ class Ingestor:
                 raise
             if event.needs_output_resolution and event.drv_path is not None:
                 event = self._resolve(event)
+            elif event.source == "hydra" and event.drv_path is not None:
+                self._verify_outputs(event)
         except FileNotFoundError:
             return None  # already taken (a second notification for the same file)
         except PermissionError:
@@ -149,6 +158,9 @@ class Ingestor:
         except OSError as exc:
             if exc.errno in (errno.ENOENT,):
                 return None
+            if is_transient(exc):
+                self._defer_transient(path, exc.strerror or str(exc), stats)
+                return None
             self._quarantine(path, "unreadable", f"cannot read event file: {exc.strerror}", stats)
             return None
         except EventRejected as exc:
@@ -156,6 +168,31 @@ class Ingestor:
             return None
         result = match_event(event, self.config.rules)
         return _Accepted(path, event, result.targets, result.ignored_reason or "matched")
+
+    def _defer_transient(self, path: Path, why: str, stats: IngestStats) -> None:
+        """Leave a file for the next pass: the machine, not the file, is at fault."""
+        stats.deferred += 1
+        log.warning(
+            "cannot read event file %s for now (%s); trying again", printable(path.name), why
+        )
+
+    def _verify_outputs(self, event: Event) -> None:
+        """A Hydra event may name only outputs of its own drvPath (the store says which)."""
+        assert event.drv_path is not None
+        if not event.out_paths:
+            return
+        try:
+            foreign = self.store.foreign_outputs(event.drv_path, event.out_paths)
+        except StoreQueryError as exc:
+            raise EventRejected(
+                "unresolved_outputs", f"cannot check the outputs of drvPath: {exc}"
+            ) from None
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise EventRejected(
+                "foreign_outputs",
+                f"{foreign[0]}{more} is not an output of {event.drv_path}",
+            )
 
     def _resolve(self, event: Event) -> Event:
         assert event.drv_path is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,8 +113,19 @@ class LogFollower:
                     self.config.log_poll_seconds,
                 )
             return False
-        follow.unreadable_since = None
         info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO, device or socket: reading could block or never end.
+            os.close(handle)
+            if follow.unreadable_since is None:
+                follow.unreadable_since = self.clock.time()
+                log.warning(
+                    "log source %s is not a regular file; trying again every %gs",
+                    path,
+                    self.config.log_poll_seconds,
+                )
+            return False
+        follow.unreadable_since = None
         follow.handle, follow.device, follow.inode = handle, info.st_dev, info.st_ino
         saved = self.queue.log_offset(path)
         follow.offset, follow.fingerprint = 0, b""

@@ -1,10 +1,56 @@
-"""Logging to stderr: timestamps on a terminal, syslog level prefixes under systemd."""
+"""Logging to stderr: timestamps on a terminal, syslog level prefixes under systemd.
+
+Every message is escaped on its way out: text from events (job names, paths, errors of
+programs) can hold newlines, terminal escape sequences or bidi controls that would forge
+log lines or hide text; they are shown as escapes instead.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """text with every non-printable character escaped: controls (C0, DEL, C1), line and
+    paragraph separators, and format characters such as bidi overrides (U+202E)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A formatter that escapes the message and each line of a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format with the message escaped; tracebacks keep their line structure."""
+        message = printable(record.getMessage())
+        original = record.msg, record.args, record.exc_text
+        record.msg, record.args = message, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = "\n".join(printable(line) for line in record.exc_text.split("\n"))
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args, record.exc_text = original
+
 
 _SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
@@ -15,7 +61,7 @@ _SYSLOG_PRIORITY = {
 }
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(EscapingFormatter):
     """`<N>message` lines that journald turns into priorities; no timestamps."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -42,7 +88,7 @@ def setup_logging(level: str) -> None:
     if under_journald():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

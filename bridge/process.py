@@ -27,6 +27,7 @@ class CommandResult:
     timed_out: bool = False
     cancelled: bool = False
     spawn_error: str | None = None
+    spawn_errno: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,7 +76,21 @@ def run_command(
 ) -> CommandResult:
     """Run args (never through a shell) in a new session; kill the whole group on timeout."""
     started = time.monotonic()
-    with tempfile.TemporaryFile() as stdin_file, tempfile.TemporaryFile() as output:
+    files = contextlib.ExitStack()
+    try:
+        # Both are closed by `with files` below; creating them is what can fail (EMFILE).
+        stdin_file = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+        output = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+    except OSError as exc:  # out of descriptors or disk before anything ran
+        files.close()
+        return CommandResult(
+            returncode=None,
+            output="",
+            duration=time.monotonic() - started,
+            spawn_error=f"{args[0]}: cannot create its output file: {exc.strerror}",
+            spawn_errno=exc.errno,
+        )
+    with files:
         stdin_file.write(stdin_data)
         stdin_file.seek(0)
         try:
@@ -94,6 +109,7 @@ def run_command(
                 output="",
                 duration=time.monotonic() - started,
                 spawn_error=f"{args[0]}: {getattr(exc, 'strerror', None) or exc}",
+                spawn_errno=getattr(exc, "errno", None),
             )
         timed_out = cancelled = False
         deadline = started + timeout

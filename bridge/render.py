@@ -13,6 +13,7 @@ from bridge.cachehealth import format_time
 from bridge.config import Config
 from bridge.describe import age
 from bridge.hydrastate import SourceStatus
+from bridge.logsetup import printable
 from bridge.quarantine import QuarantineSummary
 from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from bridge.secrets import SecretError, read_secret
@@ -161,7 +162,7 @@ def health_line(status: CacheStatus, now: float) -> str:
     return (
         f"{status.cache}: DOWN since {format_time(since)} ({age(now, since)}), "
         f"next try at {format_time(retry)} ({_in(now, retry)}), "
-        f"{health.failures} failed push(es), last error: {health.last_error or '-'}"
+        f"{health.failures} failed push(es), last error: {_printable(health.last_error or '-')}"
     )
 
 
@@ -277,7 +278,7 @@ def render_status(
         if not _health(s).up:
             continue
         if s.last_error and (s.last_failure_at or 0) >= (s.last_success_at or 0):
-            lines.append(f"last error for {s.cache}: {s.last_error}")
+            lines.append(f"last error for {s.cache}: {_printable(s.last_error)}")
     if dead:
         lines += [
             "",
@@ -285,8 +286,9 @@ def render_status(
         ]
         for d in dead:
             lines.append(
-                f"  #{d.id} {d.cache} {d.path} ({d.attempts} attempts, "
-                f"{age(now, d.updated_at)}): {d.reason}: {d.error}"
+                f"  #{d.id} {d.cache} {_printable(d.path)} ({d.attempts} attempts, "
+                f"{age(now, d.updated_at)}): {_printable(d.reason or '-')}: "
+                f"{_printable(d.error or '-')}"
             )
     if quarantine is not None:
         lines += _render_quarantine(quarantine, now)
@@ -312,8 +314,8 @@ def _render_quarantine(quarantine: QuarantineSummary, now: float) -> list[str]:
 
 
 def _printable(text: str) -> str:
-    """Control characters escaped, so a file name cannot forge terminal lines."""
-    return repr(text)[1:-1]
+    """Control and bidi characters escaped: event text cannot forge or hide terminal lines."""
+    return printable(text)
 
 
 def _when(stamp: float | None) -> str:

@@ -6,10 +6,10 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from bridge.process import run_command
+from bridge.process import CommandResult, run_command
+from bridge.safeopen import TRANSIENT_ERRNOS, NotRegularFile, read_regular_file
 from bridge.storepath import is_store_path
 
 QUERY_TIMEOUT_SECONDS = 120.0
@@ -20,13 +20,28 @@ MAX_DRV_READ = 1 << 20
 PATH_INFO_CHUNK = 50
 
 
+class StoreQueryError(Exception):
+    """A Nix store query failed to run."""
+
+
 def outputs_from_drv_file(drv_path: str) -> list[str] | None:
-    """Output paths written in an input-addressed .drv file; None when Nix must be asked."""
+    """Output paths written in an input-addressed .drv file; None when Nix must be asked.
+
+    The file is read without following a link or waiting on a FIFO (a store path named
+    `*.drv` may be either): such a file raises StoreQueryError, as Nix could block on it
+    too. Transient errors (out of descriptors, EIO) are raised as OSError for the caller
+    to try again later.
+    """
     try:
-        with Path(drv_path).open("rb") as handle:
-            head = handle.read(MAX_DRV_READ).decode("utf-8", errors="replace")
-    except OSError:
-        return None
+        head = read_regular_file(drv_path, MAX_DRV_READ, head_only=True).decode(
+            "utf-8", errors="replace"
+        )
+    except NotRegularFile:
+        raise StoreQueryError(f"{drv_path} is not a regular file (not a derivation)") from None
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise
+        return None  # not in this store's directory, not readable: Nix may know
     found = _DRV_OUTPUTS_RE.match(head)
     if found is None:
         return None
@@ -35,10 +50,6 @@ def outputs_from_drv_file(drv_path: str) -> list[str] | None:
     if not paths or not all(is_store_path(p) for p in paths):
         return None
     return paths
-
-
-class StoreQueryError(Exception):
-    """A Nix store query failed to run."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class NixStore:
     def _run(self, args: list[str]) -> str:
         result = run_command([self.nix_store, *args], timeout=self.timeout)
         if not result.ok:
+            _raise_transient(result)
             detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
             raise StoreQueryError(f"nix-store {args[0]} failed: {detail}")
         return result.output
@@ -106,6 +118,15 @@ class NixStore:
         if not paths:
             raise StoreQueryError(f"nix-store --query --outputs gave no store paths for {drv_path}")
         return paths
+
+    def foreign_outputs(self, drv_path: str, paths: Sequence[str]) -> list[str]:
+        """Those of paths that are not outputs of drv_path according to the store.
+
+        The .drv file is authoritative: Nix registers a derivation as valid only after
+        checking its output paths, and only Nix writes to the store.
+        """
+        outputs = set(self.resolve_outputs(drv_path))
+        return [path for path in paths if path not in outputs]
 
     def invalid_paths(self, paths: Sequence[str]) -> set[str]:
         """Paths that are not (or no longer) valid in the local store."""
@@ -124,6 +145,7 @@ class NixStore:
             command += ["--json", "--option", "substituters", "", "--", *chunk]
             result = run_command(command, timeout=self.timeout)
             if not result.ok:
+                _raise_transient(result)
                 detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
                 raise StoreQueryError(f"nix path-info failed: {detail}")
             # Output mixes stdout and stderr: the JSON is the one line that starts as JSON.
@@ -150,3 +172,9 @@ class NixStore:
         if len(sizes) != len(paths):
             return dict.fromkeys(paths, 0)
         return {path: int(size) for path, size in zip(paths, sizes, strict=True)}
+
+
+def _raise_transient(result: CommandResult) -> None:
+    """Raise OSError when the command could not start for want of descriptors or memory."""
+    if result.spawn_errno in TRANSIENT_ERRNOS:
+        raise OSError(result.spawn_errno, result.spawn_error or "cannot start")

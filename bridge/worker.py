@@ -18,6 +18,7 @@ from bridge.config import CacheConfig, PushSettings
 from bridge.describe import first_paths, next_try
 from bridge.queue import Item, Queue
 from bridge.retrying import FailureBackoff
+from bridge.safeopen import is_transient
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
 
@@ -26,6 +27,8 @@ T = TypeVar("T")
 
 SKIP_REASONS = ("invalid_path",)
 IDLE_POLL_SECONDS = 5.0
+# After the backend could not start for want of descriptors, processes or memory.
+EXHAUSTED_RETRY_SECONDS = 5.0
 # In flight longer than this and held by no worker: the worker's write failed.
 ORPHAN_AGE_SECONDS = 60.0
 
@@ -226,6 +229,14 @@ class PushWorkers:
             except sqlite3.Error:
                 raise
             except Exception as exc:
+                if is_transient(exc) and items:
+                    # Out of descriptors or memory around the push: not the paths' fault.
+                    error = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+                    outcome = PushOutcome(False, 0.0, "spawn_error", error, exhausted=True)
+                    self._exhausted(
+                        queue, cache, self.caches[cache], items, outcome, self.clock.time()
+                    )
+                    return
                 # Count it as a failed push (with backoff), never a free immediate retry.
                 log.exception("unexpected error pushing to %s", cache)
                 outcome = PushOutcome(
@@ -362,6 +373,8 @@ class PushWorkers:
                     m.end_to_end.labels(cache).observe(max(0.0, now - item.origin_at))
                 self.pushed_bytes.add(cache, [item.path for item in uploaded])
             log.info("pushed %d path(s) to %s in %.2fs", len(uploaded), cache, outcome.duration)
+        elif outcome.exhausted:
+            self._exhausted(queue, cache, config, items, outcome, now)
         elif outcome.cancelled:
             self._persist(lambda: queue.release(items, now))
             log.warning(
@@ -381,6 +394,29 @@ class PushWorkers:
                     self._failed(queue, cache, config, items, outcome, now)
                 else:
                     self._deferred(queue, cache, config, items, outcome, next_try, now)
+
+    def _exhausted(
+        self,
+        queue: Queue,
+        cache: str,
+        config: CacheConfig,
+        items: Sequence[Item],
+        outcome: PushOutcome,
+        now: float,
+    ) -> None:
+        """The backend could not start (EMFILE, EAGAIN, ENOMEM): wait briefly, uncharged."""
+        until = now + EXHAUSTED_RETRY_SECONDS
+        error = outcome.error or "cannot start the backend"
+        self._persist(lambda: queue.defer(items, until, reason="spawn_error", error=error, now=now))
+        self.metrics.pushes_failed.labels(cache, config.backend, "spawn_error").inc()
+        log.warning(
+            "cannot start the push of %d path(s) to %s for now (%s); no attempt counted, "
+            "trying again in %.0fs",
+            len(items),
+            cache,
+            error,
+            EXHAUSTED_RETRY_SECONDS,
+        )
 
     def _deferred(
         self,

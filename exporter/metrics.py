@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -11,6 +12,9 @@ from prometheus_client.registry import Collector
 PREFIX = "hydra_cachix_bridge"
 # Uploads take from a fraction of a second to an hour: not the client's web defaults.
 UPLOAD_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# The project and jobset label values of every pair beyond `per_jobset_limit`: parentheses
+# cannot occur in Hydra's project or jobset names, so it never collides with a real one.
+OTHER_JOBSET = "(other)"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
 
 
@@ -29,10 +33,14 @@ class BridgeMetrics:
         failure_reasons: Sequence[str],
         skip_reasons: Sequence[str],
         per_jobset: bool = False,
+        per_jobset_limit: int = 200,
         log_sources: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self.per_jobset = per_jobset
+        self.per_jobset_limit = per_jobset_limit
+        self._jobsets: set[tuple[str, str]] = set()
+        self._jobsets_lock = threading.Lock()
         jobset_labels = ["project", "jobset"] if per_jobset else []
         r = registry
         self.build_info = Info(f"{PREFIX}_build", "Version of hydra-cachix-bridge", registry=r)
@@ -206,13 +214,26 @@ class BridgeMetrics:
         """Count pushed (reason None) or failed paths, by project/jobset when opted in."""
         groups: dict[tuple[str, ...], int] = {}
         for project, jobset in origins:
-            key: tuple[str, ...] = (project or "", jobset or "") if self.per_jobset else ()
+            key: tuple[str, ...] = self._jobset_labels(project, jobset) if self.per_jobset else ()
             groups[key] = groups.get(key, 0) + 1
         for key, count in groups.items():
             if reason is None:
                 self.paths_pushed.labels(cache, *key).inc(count)
             else:
                 self.paths_failed.labels(cache, reason, *key).inc(count)
+
+    def _jobset_labels(self, project: str | None, jobset: str | None) -> tuple[str, str]:
+        """The label pair for an origin: itself while under the limit, else "(other)"."""
+        pair = (project or "", jobset or "")
+        if pair == ("", ""):
+            return pair  # hook and log events: always their own, pre-created series
+        with self._jobsets_lock:
+            if pair in self._jobsets:
+                return pair
+            if len(self._jobsets) < self.per_jobset_limit:
+                self._jobsets.add(pair)
+                return pair
+        return (OTHER_JOBSET, OTHER_JOBSET)
 
 
 class _WithoutCreated(Collector):
@@ -239,7 +260,13 @@ def without_created(registry: CollectorRegistry) -> CollectorRegistry:
     The client's own switch (disable_created_metrics) is process-global; this leaves other
     registries in the process, and the injected registry that tests read, untouched.
     """
-    exposed = CollectorRegistry(auto_describe=False)
+    # Without names of its own, the copy is collected for every `name[]` filter, which then
+    # keeps only the samples asked for. (Older clients lack the switch: the filter then
+    # matches nothing, the unfiltered scrape is unchanged.)
+    try:
+        exposed = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+    except TypeError:
+        exposed = CollectorRegistry(auto_describe=False)
     exposed.register(_WithoutCreated(registry))
     return exposed
 

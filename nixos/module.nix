@@ -256,6 +256,7 @@ in
                 listen_address = setting types.str "127.0.0.1" "Address for /metrics and /healthz (IPv4 or IPv6).";
                 port = setting types.port 10198 "Port for /metrics and /healthz.";
                 per_jobset = setting types.bool false "Label push metrics with project and jobset.";
+                per_jobset_limit = setting types.ints.positive 200 "Distinct project/jobset label pairs; the rest are counted as (other).";
               };
             };
           };
@@ -395,6 +396,11 @@ in
         ReadWritePaths = [ spool ] ++ lib.optional (!stateUnderVarLib) stateDir ++ fileCacheDirs;
         LoadCredential = credentials;
 
+        # Resource bounds (see contrib/systemd/hydra-cachix-bridge.service for the why).
+        LimitNOFILE = lib.mkDefault 16384;
+        TasksMax = lib.mkDefault 4096;
+        MemoryMax = lib.mkDefault "8G";
+
         NoNewPrivileges = true;
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
@@ -417,7 +423,10 @@ in
         RestrictSUIDSGID = true;
         RemoveIPC = true;
         LockPersonality = true;
-        MemoryDenyWriteExecute = true;
+        # cachix is a GHC program: its runtime makes FFI callback code (adjustors) by
+        # mprotect()ing a written page PROT_READ|PROT_EXEC, which this setting forbids
+        # (docs/deployment.md). Kept where only nix-copy caches run.
+        MemoryDenyWriteExecute = !usesCachix;
         SystemCallArchitectures = "native";
         SystemCallFilter = [
           "@system-service"

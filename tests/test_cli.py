@@ -173,14 +173,27 @@ def test_check_config_prints_effective_config_without_secrets(
     token.write_text("s3cr3t-token-value\n")
     config = write_config(
         f'[caches.team]\nbackend = "cachix"\nauth_token_file = "{token}"\n'
-        '[caches.m]\nbackend = "nix-copy"\nuri = "https://user:hunter2@cache.example/"\n'
+        '[caches.m]\nbackend = "nix-copy"\nuri = "https://cache.example/"\n'
     )
     done = run("check-config", "--config", str(config))
     assert done.returncode == 0, done.stderr
-    assert "s3cr3t-token-value" not in done.stdout and "hunter2" not in done.stdout
+    assert "s3cr3t-token-value" not in done.stdout
     assert "readable; content not shown" in done.stdout
-    assert "https://user:***@cache.example/" in done.stdout
+    assert 'uri = "https://cache.example/"' in done.stdout
     assert "[caches.team]" in done.stdout and "workers = 4" in done.stdout
+
+
+def test_check_config_refuses_a_password_in_a_store_uri(
+    write_config: Callable[..., Path],
+) -> None:
+    """Issue 11 finding 9 (before: accepted, the password reached nix's command line)."""
+    config = write_config(
+        '[caches.m]\nbackend = "nix-copy"\nuri = "https://user:hunter2@cache.example/"\n'
+    )
+    done = run("check-config", "--config", str(config))
+    assert done.returncode != 0
+    assert "hunter2" not in done.stdout + done.stderr
+    assert f"{config}:caches.m.uri: holds a password" in done.stderr
 
 
 def test_check_config_fails_when_the_config_cannot_work_here(

@@ -274,7 +274,7 @@ class TestExampleConfig:
             "[push]\nshutdown_grace_seconds = 3\n"
             "[spool]\nmax_event_bytes = 4096\nrescan_seconds = 0.5\ngroup_writable = true\n"
             '[metrics]\nenabled = false\nlisten_address = "0.0.0.0"\nport = 9300\n'
-            "per_jobset = true\n"
+            "per_jobset = true\nper_jobset_limit = 50\n"
             '[caches.c]\nbackend = "cachix"\nhostname = "https://cachix.example"\n'
             'executable = "/opt/cachix"\nmax_parallel = 2\n'
             '[[log_sources]]\npath = "logs/hook.log"\n'
@@ -286,7 +286,7 @@ class TestExampleConfig:
         assert config.push.shutdown_grace_seconds == 3.0
         assert config.spool == SpoolSettings(4096, 0.5, True)
         assert config.metrics == MetricsSettings(
-            enabled=False, listen_address="0.0.0.0", port=9300, per_jobset=True
+            enabled=False, listen_address="0.0.0.0", port=9300, per_jobset=True, per_jobset_limit=50
         )
         assert config.caches["c"].hostname == "https://cachix.example"
         assert config.caches["c"].executable == "/opt/cachix"
@@ -534,6 +534,40 @@ class TestErrors:
     ) -> None:
         path = write_config('[caches.m]\nbackend = "nix-copy"\nuri = "ssh-ng://h?secret-key=/k"\n')
         assert only_problem(path).startswith(f"{path}:caches.m.uri: secret-key=: Nix signs only")
+
+    @pytest.mark.parametrize(
+        ("uri", "said"),
+        [
+            ("https://alice:hunter2@cache.example/upload", "holds a password"),
+            ("ssh://alice:hunter2@builder", "holds a password"),
+            ("ssh-ng://alice:@builder", "holds a password"),
+            ("s3://bucket?region=eu-west-1&aws_secret_access_key=hunter2", "parameter"),
+            ("https://cache.example?token=hunter2", "parameter"),
+            ("s3://bucket?Password=hunter2", "parameter"),
+        ],
+    )
+    def test_credentials_in_a_store_uri_are_refused(
+        self, write_config: Writer, uri: str, said: str
+    ) -> None:
+        """Finding 9: a URI is on nix's command line, in errors, logs and `status`."""
+        path = write_config(f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\n')
+        problem = only_problem(path)
+        assert problem.startswith(f"{path}:caches.m.uri: {said}"), problem
+        assert "/proc/PID/cmdline" in problem
+        assert "hunter2" not in problem
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "ssh://alice@builder:2222",
+            "ssh-ng://builder?ssh-key=/run/keys/id&compress=true",
+            "s3://bucket?region=eu-west-1&profile=cache&secret-key=/run/keys/k",
+            "https://cache.example/upload?compression=zstd",
+        ],
+    )
+    def test_store_uris_without_credentials_are_fine(self, write_config: Writer, uri: str) -> None:
+        path = write_config(f'[caches.m]\nbackend = "nix-copy"\nuri = "{uri}"\n')
+        assert load_config(path).caches["m"].uri == uri
 
     @pytest.mark.parametrize(
         "uri",
@@ -823,6 +857,7 @@ TYPED: dict[str, st.SearchStrategy[Any]] = {
     "group_writable": st.booleans(),
     "enabled": st.booleans(),
     "per_jobset": st.booleans(),
+    "per_jobset_limit": st.integers(-5, 200_000),
     "resolve_derivations": st.booleans(),
     "listen_address": st.sampled_from(["127.0.0.1", "::1", "", "x"]),
     "tls_cert_file": PATHS,

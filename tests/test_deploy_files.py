@@ -68,8 +68,13 @@ def test_contrib_unit_is_a_notify_service_with_watchdog_and_the_reference_harden
         "SystemCallFilter=@system-service",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         "Group=hydra",
+        "LimitNOFILE=16384\n",
+        "TasksMax=4096\n",
+        "MemoryMax=8G\n",
     ):
         assert line in text, line
+    # cachix is a GHC program whose runtime mprotect()s FFI callback code executable.
+    assert "MemoryDenyWriteExecute=yes" not in text
 
 
 def test_tmpfiles_create_every_spool_directory_with_the_daemons_group_mode() -> None:

@@ -389,3 +389,105 @@ def test_in_progress_names_are_not_candidates(h: Harness, built: list[Built]) ->
     stats = ingestor.ingest([h.layout.incoming / "writing.json.tmp"])
     assert stats.recorded == 0
     assert len(h.incoming()) == 3
+
+
+# -- trust in Hydra events and transient errors (issue 11) -------------------------------
+
+
+def test_hydra_event_naming_a_path_its_drv_did_not_build_is_quarantined(
+    h: Harness, built: list[Built]
+) -> None:
+    ingestor = h.make()
+    # drvPath of one real build, out path of another: the store says they do not belong.
+    forged = hydra_doc(Built(built[0].name, built[0].drv, built[1].out), 21)
+    event_file = write_event(h.layout, "hydra", forged)
+    genuine = write_event(h.layout, "hydra", hydra_doc(built[0], 22))
+    stats = ingestor.ingest(ingestor.scan())
+    assert (stats.recorded, stats.quarantined) == (1, 1)
+    record = h.quarantined()[event_file.name]
+    assert record["reason"] == "foreign_outputs"
+    assert built[1].out in record["message"] and built[0].drv in record["message"]
+    assert h.value("events_rejected_total", reason="foreign_outputs") == 1
+    assert h.items() == [("c", built[0].out, "pending")]
+    assert h.queue is not None and h.queue.seen_spool_file(genuine.name)
+
+
+def test_hydra_event_whose_drv_is_not_in_the_store_is_quarantined(
+    h: Harness, built: list[Built]
+) -> None:
+    ingestor = h.make()
+    event_file = write_event(
+        h.layout, "hydra", hydra_doc(Built(built[0].name, UNKNOWN_DRV, built[0].out))
+    )
+    stats = ingestor.ingest(ingestor.scan())
+    assert stats.quarantined == 1
+    assert h.quarantined()[event_file.name]["reason"] == "unresolved_outputs"
+    assert h.items() == []
+
+
+TRANSIENT = ["EMFILE", "ENFILE", "ENOMEM", "EIO", "EAGAIN"]
+
+
+@pytest.mark.parametrize("name", TRANSIENT)
+def test_transient_error_reading_an_event_leaves_it_for_the_next_pass(
+    h: Harness, built: list[Built], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    import errno
+
+    import bridge.ingest
+
+    ingestor = h.make()
+    event_file = write_event(h.layout, "hydra", hydra_doc(built[0]))
+    real = bridge.ingest.read_event_file
+
+    def failing(path: Path, max_bytes: int) -> Any:
+        raise OSError(getattr(errno, name), os.strerror(getattr(errno, name)))
+
+    monkeypatch.setattr(bridge.ingest, "read_event_file", failing)
+    stats = ingestor.ingest(ingestor.scan())
+    assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
+    assert h.incoming() == [event_file.name]
+    assert all(h.value("events_rejected_total", reason=r) == 0 for r in REJECT_REASONS)
+
+    monkeypatch.setattr(bridge.ingest, "read_event_file", real)
+    stats = ingestor.ingest(ingestor.scan())
+    assert stats.recorded == 1
+    assert h.items() == [("c", built[0].out, "pending")]
+
+
+def test_out_of_descriptors_while_reading_the_drv_defers_the_event(
+    h: Harness, built: list[Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import bridge.store
+
+    ingestor = h.make()
+    write_event(h.layout, "hydra", hydra_doc(built[0]))
+    real = bridge.store.read_regular_file
+
+    def out_of_descriptors(*args: Any, **kwargs: Any) -> bytes:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(bridge.store, "read_regular_file", out_of_descriptors)
+    stats = ingestor.ingest(ingestor.scan())
+    assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
+    monkeypatch.setattr(bridge.store, "read_regular_file", real)
+    assert ingestor.ingest(ingestor.scan()).recorded == 1
+
+
+def test_out_of_memory_defers_the_event(
+    h: Harness, built: list[Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bridge.ingest
+
+    ingestor = h.make()
+    write_event(h.layout, "hydra", hydra_doc(built[0]))
+
+    def no_memory(data: bytes) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(bridge.ingest, "decode_json", no_memory)
+    stats = ingestor.ingest(ingestor.scan())
+    assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
+    assert len(h.incoming()) == 1

@@ -244,3 +244,15 @@ def test_overlong_line_is_skipped_and_following_lines_still_read(h: Harness) -> 
     assert follower.poll() == {"c": 1}
     assert h.queued() == [path(7)]
     assert h.saved_offset() == h.log.stat().st_size
+
+
+def test_a_fifo_as_log_source_is_not_read_and_does_not_block(h: Harness) -> None:
+    """Issue 11: nothing the daemon opens may block; a FIFO is no log file."""
+    os.mkfifo(h.log)
+    follower = h.follower()
+    assert follower.poll() == {}
+    assert follower.readable() == [False]
+    h.log.unlink()
+    h.append(f"{path(1)}\n")
+    assert follower.poll() == {"c": 1}
+    assert follower.readable() == [True]

@@ -28,7 +28,9 @@ CACHES = {"team": "cachix", "mirror": "nix-copy"}
 ALLOWED_LABELS = {"cache", "backend", "source", "reason", "state", "le", "version", "path"}
 
 
-def make(registry: CollectorRegistry, per_jobset: bool = False) -> BridgeMetrics:
+def make(
+    registry: CollectorRegistry, per_jobset: bool = False, per_jobset_limit: int = 200
+) -> BridgeMetrics:
     return BridgeMetrics(
         registry,
         version="9.9.9",
@@ -39,6 +41,7 @@ def make(registry: CollectorRegistry, per_jobset: bool = False) -> BridgeMetrics
         failure_reasons=FAILURE_REASONS,
         skip_reasons=SKIP_REASONS,
         per_jobset=per_jobset,
+        per_jobset_limit=per_jobset_limit,
     )
 
 
@@ -190,3 +193,29 @@ def test_exposition_has_no_created_series_and_leaves_the_registry_alone() -> Non
     assert "# TYPE hydra_cachix_bridge_push_duration_seconds histogram" in text
     # The client's process-global switch is not touched: other registries keep theirs.
     assert "_created" in generate_latest(registry).decode()
+
+
+def test_per_jobset_labels_are_capped_with_an_other_bucket() -> None:
+    """Issue 11 finding 10: a Hydra with thousands of (PR) jobsets cannot add unbounded series."""
+    registry = CollectorRegistry()
+    metrics = make(registry, per_jobset=True, per_jobset_limit=3)
+    for index in range(10):
+        metrics.count_paths("team", [("nixpkgs", f"pr-{index}")])
+    metrics.count_paths("team", [("nixpkgs", "pr-0"), (None, None)])  # known pairs stay
+    metrics.count_paths("team", [("nixpkgs", "pr-9")], reason="timeout")
+    value = registry.get_sample_value
+    pushed = f"{PREFIX}_paths_pushed_total"
+    for index in range(3):
+        labels = {"cache": "team", "project": "nixpkgs", "jobset": f"pr-{index}"}
+        assert value(pushed, labels) == (2 if index == 0 else 1)
+    assert value(pushed, {"cache": "team", "project": "(other)", "jobset": "(other)"}) == 7
+    assert value(pushed, {"cache": "team", "project": "", "jobset": ""}) == 1
+    failed = {"cache": "team", "reason": "timeout", "project": "(other)", "jobset": "(other)"}
+    assert value(f"{PREFIX}_paths_failed_total", failed) == 1
+    jobsets = {
+        sample.labels["jobset"]
+        for family in registry.collect()
+        if family.name == f"{PREFIX}_paths_pushed"
+        for sample in family.samples
+    }
+    assert jobsets == {"pr-0", "pr-1", "pr-2", "(other)", ""}

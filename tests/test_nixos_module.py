@@ -188,6 +188,9 @@ def check_minimal(r: Result) -> None:
     assert config["LoadCredential"] == []
     assert config["ProtectSystem"] == "strict" and config["TimeoutStopSec"] == "90s"
     assert unit["path"] == ["nix", "cachix"]
+    # Resource bounds; no MemoryDenyWriteExecute with cachix (GHC adjustors need PROT_EXEC).
+    assert (config["LimitNOFILE"], config["TasksMax"], config["MemoryMax"]) == (16384, 4096, "8G")
+    assert config["MemoryDenyWriteExecute"] is False
     assert unit["environment"]["HOME"] == "/var/lib/hydra-cachix-bridge"
     assert r["users"]["hydra-cachix-bridge"] == {
         "isSystemUser": True,
@@ -316,6 +319,8 @@ def check_ssh_cache(r: Result) -> None:
 
 def check_nix_copy_only(r: Result) -> None:
     assert r["unit"]["path"] == ["nix"]
+    # Without cachix nothing needs writable-then-executable memory.
+    assert r["unit"]["serviceConfig"]["MemoryDenyWriteExecute"] is True
 
 
 def scrape(target: str) -> Callable[[Result], None]:

@@ -7,6 +7,7 @@ import json
 import time
 import tomllib
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -53,7 +54,7 @@ def config_file(tmp_path: Path, secrets: Path) -> Path:
         'extra_args = ["--compression-method", "zstd"]\n'
         "[caches.mirror]\n"
         'backend = "nix-copy"\n'
-        f'uri = "s3://user:{PASSWORD}@minio.example:9000/bucket?region=eu&secret-key={secrets}/key"\n'
+        f'uri = "s3://minio.example:9000/bucket?region=eu&secret-key={secrets}/key"\n'
         '[caches."my.dotted"]\n'
         'backend = "nix-copy"\n'
         'uri = "file:///var/cache/dotted"\n'
@@ -90,9 +91,7 @@ class TestRenderConfig:
         config = load_config(config_file)
         doc = tomllib.loads(render_config(config))
         again = parse_config(doc, str(config_file), base=config_file.parent)
-        # The only lossy field is the masked password in the mirror URI.
-        mirror = dataclasses.replace(config.caches["mirror"], uri=again.caches["mirror"].uri)
-        assert again.caches["mirror"] == mirror
+        assert again.caches["mirror"] == config.caches["mirror"]
         assert again.caches["mycache"] == config.caches["mycache"]
         assert again.caches["my.dotted"] == config.caches["my.dotted"]
         assert again.rules == config.rules
@@ -117,7 +116,13 @@ class TestRenderConfig:
             assert line.endswith("# readable; content not shown")
 
     def test_password_in_uri_is_masked(self, config_file: Path) -> None:
-        doc = tomllib.loads(render_config(load_config(config_file)))
+        # check-config refuses such a URI (issue 11); a Config built in code still masks it.
+        config = load_config(config_file)
+        mirror = config.caches["mirror"]
+        uri = f"s3://user:{PASSWORD}@" + (mirror.uri or "").removeprefix("s3://")
+        caches = {**config.caches, "mirror": dataclasses.replace(mirror, uri=uri)}
+        config = dataclasses.replace(config, caches=MappingProxyType(caches))
+        doc = tomllib.loads(render_config(config))
         uri = doc["caches"]["mirror"]["uri"]
         assert PASSWORD not in uri
         assert uri.startswith("s3://user:***@minio.example:9000/bucket?")
@@ -462,3 +467,28 @@ class TestCacheHealth:
         assert entry["failed_pushes_while_down"] == 12
         assert entry["down_error"] == DOWN.last_error
         json.dumps(doc, allow_nan=False)
+
+
+class TestHostileText:
+    """Issue 11 finding 10: event text never forges or hides lines in `status`."""
+
+    FORGED = "boom\nmycache: up\x1b[2J\u202egnp.evil"
+
+    def test_errors_and_paths_are_escaped_in_the_table(self) -> None:
+        text = render_status(
+            [status(last_error=self.FORGED, last_failure_at=NOW - 1)],
+            [dead(7, error=self.FORGED, path=OUT + "\u202e")],
+            NOW,
+            True,
+        )
+        assert "\x1b" not in text and "\u202e" not in text
+        assert "mycache: up\\x1b[2J\\u202egnp.evil" in text
+        # No line of the table starts with the forged text.
+        assert not any(line.startswith("mycache: up") for line in text.splitlines())
+        lines = [line for line in text.splitlines() if "boom" in line]
+        assert len(lines) == 2 and all("boom\\nmycache" in line for line in lines)
+
+    def test_down_reason_is_escaped(self) -> None:
+        health = CacheHealth("mycache", NOW - 10, NOW + 10, 1, self.FORGED)
+        text = render_status([status(health=health)], [], NOW, True)
+        assert "\x1b" not in text and "\u202e" not in text and "\\nmycache: up" in text

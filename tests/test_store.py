@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -217,3 +221,61 @@ def test_missing_nix_store_executable_raises(tmp_path: Path, built: list[Built])
     store = NixStore(nix_store=str(tmp_path / "no-nix-store"))
     with pytest.raises(StoreQueryError, match="no-nix-store"):
         store.invalid_paths([built[0].out])
+
+
+def test_foreign_outputs_are_those_the_drv_does_not_name(built: list[Built]) -> None:
+    store = NixStore()
+    assert store.foreign_outputs(built[0].drv, [built[0].out]) == []
+    assert store.foreign_outputs(built[0].drv, [built[0].out, built[1].out]) == [built[1].out]
+    with pytest.raises(StoreQueryError):
+        store.foreign_outputs(MADE_UP_DRV, [built[0].out])
+
+
+@pytest.fixture
+def store_fifo_drv(tmp_path: Path) -> Iterator[str]:
+    """Finding 4: a store symlink named `*.drv` pointing at a FIFO, left by `nix-store --add`.
+
+    Nix reads a `.drv` it adds to check it; through the link that read waits for a FIFO
+    writer forever, so the add is cut short and the link stays in the store directory.
+    """
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / f"hcb-evil-{tmp_path.name[-8:]}.drv"
+    link.symlink_to(fifo)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(["nix-store", "--add", str(link)], capture_output=True, timeout=3)
+    found = [p for p in Path("/nix/store").glob(f"*-{link.name}") if p.is_symlink()]
+    if not found:
+        pytest.skip("this Nix leaves no link behind when adding a symlink named *.drv")
+    yield str(found[0])
+    # The link and the lock file the interrupted `nix-store --add` left behind.
+    for path in [*found, *Path("/nix/store").glob(f"*-{link.name}.lock")]:
+        path.unlink(missing_ok=True)
+
+
+def test_a_store_drv_that_links_to_a_fifo_does_not_block(store_fifo_drv: str) -> None:
+    outcome: list[BaseException | list[str]] = []
+
+    def resolve() -> None:
+        try:
+            outcome.append(NixStore().resolve_outputs(store_fifo_drv))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "reading the .drv blocked on the FIFO"
+    assert isinstance(outcome[0], StoreQueryError)
+    assert "not a regular file" in str(outcome[0])
+
+
+def test_drv_reads_never_follow_links_or_open_fifos(built: list[Built], tmp_path: Path) -> None:
+    fifo = tmp_path / "x.drv"
+    os.mkfifo(fifo)
+    with pytest.raises(StoreQueryError, match="not a regular file"):
+        outputs_from_drv_file(str(fifo))
+    link = tmp_path / "link.drv"
+    link.symlink_to(built[0].drv)
+    with pytest.raises(StoreQueryError, match="not a regular file"):
+        outputs_from_drv_file(str(link))

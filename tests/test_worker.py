@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nixhelpers import Built, build, narinfo
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS, Backend, CachixBackend, PushOutcome
+from bridge.backends import FAILURE_REASONS, Backend, CachixBackend, NixCopyBackend, PushOutcome
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, PushSettings
 from bridge.events import REJECT_REASONS, SOURCES, Event
@@ -694,3 +696,38 @@ def test_real_cachix_hang_is_killed_at_stop_and_items_stay_pending(
     assert (state, attempts) == ("pending", 0)
     assert harness.value("pushes_started_total", cache="cx", backend="cachix") == 1
     assert harness.value("pushes_failed_total", cache="cx", backend="cachix", reason="timeout") == 0
+
+
+def test_out_of_descriptors_starting_the_backend_burns_no_attempt(
+    harness: Harness, built: list[Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 6: EMFILE/EAGAIN when spawning `nix copy` waits and retries, uncharged."""
+    import errno
+    import subprocess
+
+    import bridge.process
+    import bridge.worker
+
+    monkeypatch.setattr(bridge.worker, "EXHAUSTED_RETRY_SECONDS", 0.2)
+    failures = iter([errno.EMFILE, errno.EAGAIN, errno.ENFILE])
+    real_popen = subprocess.Popen
+
+    def exhausted_popen(*args: Any, **kwargs: Any) -> Any:
+        code = next(failures, None)
+        if code is not None:
+            raise OSError(code, os.strerror(code))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(bridge.process.subprocess, "Popen", exhausted_popen)
+    binary_cache = tmp_path / "binary-cache"
+    config = CacheConfig(name="c", backend="nix-copy", uri=f"file://{binary_cache}")
+    harness.enqueue("c", [built[0].out])
+    harness.start({"c": config}, {"c": NixCopyBackend(config)}, max_attempts=1)
+    wait_until(lambda: harness.count("c", "pushed") == 1, timeout=60)
+    assert narinfo(binary_cache, built[0]).exists()
+    state, attempts, *_rest = harness.item("c", built[0].out)
+    assert (state, attempts) == ("pushed", 0)
+    assert harness.count("c", "dead") == 0
+    labels = {"cache": "c", "backend": "nix-copy", "reason": "spawn_error"}
+    assert harness.value("pushes_failed_total", **labels) == 3
+    assert harness.value("dead_letters_total", cache="c") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
-from tests.nixhelpers import Built, build, hydra_payload, narinfo
+from tests.nixhelpers import build, hydra_payload, narinfo
 
 PUSH = "[push]\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 0.5\n"
 
@@ -223,8 +224,12 @@ def test_garbage_collected_path_is_skipped_not_retried(
     cache = tmp_path / "cache"
     daemon = daemon_factory(f'[caches.c]\nbackend = "nix-copy"\nuri = "file://{cache}"\n')
     (item,) = build(workdir, 1)
-    ghost = Built("ghost", item.drv, "/nix/store/00000000000000000000000000000000-ghost")
-    payload = hydra_payload(9, ghost)
+    # Garbage-collected after its build: the payload is genuine (its output is one of its
+    # drvPath's, as the daemon checks), the path no longer valid.
+    subprocess.run(
+        ["nix-store", "--delete", item.out], capture_output=True, check=True, timeout=120
+    )
+    payload = hydra_payload(9, item)
     path = tmp_path / "ghost.json"
     path.write_text(json.dumps(payload))
     assert (

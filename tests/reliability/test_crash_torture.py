@@ -127,8 +127,10 @@ def plan_events(built: list[Built]) -> list[PlannedEvent]:
         kind = forced_kind or ("hydra" if rng.random() < 0.6 else "hook")
         if kind == "hydra":
             first = built[forced_index] if forced_index is not None else pick(revealed)
-            more = [pick(revealed) for _ in range(rng.choice((0, 0, 1, 2)))]
-            outs = list(dict.fromkeys([first.out, *(m.out for m in more)]))
+            # Drawn as before (a seed keeps its sequence) but not named: a Hydra payload may
+            # name only outputs of its own drvPath (issue 11), one per build here.
+            [pick(revealed) for _ in range(rng.choice((0, 0, 1, 2)))]
+            outs = [first.out]
             if forced_index is not None:
                 project, jobset, status = "proj", "main", 0
             else:
