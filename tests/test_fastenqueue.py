@@ -292,7 +292,9 @@ def payloads(draw: st.DrawFn) -> bytes:
         elif action == "set":
             doc[key] = draw(JSON_VALUES)
         elif isinstance(doc.get("outputs"), list) and doc["outputs"]:
-            doc["outputs"][0][draw(st.sampled_from(["name", "path", "x"]))] = draw(JSON_VALUES)
+            # An earlier "set" may have made outputs a list of anything: mangle dicts only.
+            if isinstance(doc["outputs"][0], dict):
+                doc["outputs"][0][draw(st.sampled_from(["name", "path", "x"]))] = draw(JSON_VALUES)
     text = json.dumps(doc)
     mangle = draw(st.sampled_from(["none", "none", "cut", "nan", "deep", "bytes", "ws"]))
     if mangle == "cut":
