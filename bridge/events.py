@@ -26,6 +26,8 @@ REJECT_REASONS = (
     "unreadable",
     "unresolved_outputs",
     "invalid_build_row",
+    "untrusted_channel",
+    "incomplete_event",
 )
 
 MAX_NAME_LENGTH = 1024

@@ -83,6 +83,15 @@ CREATE TABLE IF NOT EXISTS cache_status (
     last_failure_at REAL,
     last_error TEXT
 );
+-- Files the daemon consumed from the hook's root-only directory, which it may not delete
+-- from (tmpfiles ages them out): a file counts as new again when its identity changes.
+CREATE TABLE IF NOT EXISTS hook_files (
+    name TEXT PRIMARY KEY,
+    inode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    consumed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS log_offsets (
     path TEXT PRIMARY KEY,
     device INTEGER NOT NULL,
@@ -92,6 +101,12 @@ CREATE TABLE IF NOT EXISTS log_offsets (
     updated_at REAL NOT NULL
 );
 """
+
+
+def spool_key(name: str, digest: str) -> str:
+    """How a spool file is recorded: its name and its content's SHA-256, so that a file of
+    the same name from another writer is another event, not a duplicate."""
+    return f"{name} sha256:{digest}"
 
 
 class QueueError(Exception):
@@ -259,10 +274,43 @@ class Queue:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def seen_spool_file(self, name: str) -> bool:
-        """True if an event file of this name was already recorded."""
-        row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (name,)).fetchone()
+    def seen_spool_file(self, name: str, digest: str | None = None) -> bool:
+        """True if an event file of this name with this content digest (any content when
+        digest is None) was recorded."""
+        if digest is not None:
+            key = spool_key(name, digest)
+            row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (key,)).fetchone()
+        else:
+            prefix = spool_key(name, "")
+            row = self.conn.execute(
+                "SELECT 1 FROM events WHERE spool_name = ? OR (spool_name >= ? AND spool_name < ?)",
+                (name, prefix, prefix[:-1] + ";"),
+            ).fetchone()
         return row is not None
+
+    def hook_files(self) -> dict[str, tuple[int, int, int]]:
+        """Every consumed hook file: name → (inode, mtime_ns, size)."""
+        rows = self.conn.execute("SELECT name, inode, mtime_ns, size FROM hook_files")
+        return {name: (inode, mtime_ns, size) for name, inode, mtime_ns, size in rows}
+
+    def record_hook_file(self, name: str, identity: tuple[int, int, int], now: float) -> None:
+        """Remember a hook file as consumed (call inside transaction() with its event)."""
+        inode, mtime_ns, size = identity
+        self.conn.execute(
+            "INSERT INTO hook_files (name, inode, mtime_ns, size, consumed_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET inode = excluded.inode,"
+            " mtime_ns = excluded.mtime_ns, size = excluded.size,"
+            " consumed_at = excluded.consumed_at",
+            (name, inode, mtime_ns, size, now),
+        )
+
+    def forget_hook_files(self, names: Iterable[str]) -> int:
+        """Drop the records of hook files that are gone (aged out); return how many."""
+        with self.transaction():
+            cur = self.conn.executemany(
+                "DELETE FROM hook_files WHERE name = ?", ((name,) for name in names)
+            )
+            return cur.rowcount
 
     def record_event(
         self,
