@@ -119,7 +119,7 @@ def _hook_ancestor_problem(config: Config, wanted: list[Wanted], owner: Owner) -
             continue
         if not os.path.lexists(parent):
             continue  # made by init: root's, 0755
-        problem = unsafe_directory(parent, {0})
+        problem = unsafe_directory(parent, {0}, ancestor=True)
         if problem is not None:
             return problem
     return None

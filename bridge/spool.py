@@ -126,18 +126,22 @@ HOOK_DIR_MODE = 0o2750
 """The hook directory of a shared spool: root writes, the producers' group (the daemon) reads."""
 
 
-def unsafe_directory(path: Path, trusted: Collection[int]) -> str | None:
+def unsafe_directory(
+    path: Path, trusted: Collection[int], *, ancestor: bool = False
+) -> str | None:
     """Why someone outside `trusted` (uids) could redirect writes into path, or None.
 
     Every component from / down must be a directory owned by a trusted uid; an ancestor
     others may write needs the sticky bit (then they cannot move its trusted child), and
-    the directory itself must not be writable by group or others at all. Symbolic links on
+    the directory itself must not be writable by group or others at all (unless it is only
+    an ancestor of what will be checked, then the sticky bit is enough). Symbolic links on
     the way are checked, then followed.
     """
-    return _unsafe(Path(os.path.normpath(Path(path).absolute())), frozenset(trusted), 0)
+    normal = Path(os.path.normpath(Path(path).absolute()))
+    return _unsafe(normal, frozenset(trusted), 0, ancestor)
 
 
-def _unsafe(path: Path, trusted: frozenset[int], depth: int) -> str | None:
+def _unsafe(path: Path, trusted: frozenset[int], depth: int, ancestor: bool) -> str | None:
     if depth > 16:
         return f"{path}: too many symbolic links"
     current = Path(path.anchor)
@@ -157,11 +161,11 @@ def _unsafe(path: Path, trusted: frozenset[int], depth: int) -> str | None:
         if stat.S_ISLNK(info.st_mode):
             # The link is trusted (its owner, and its parent checked above): check its target.
             target = Path(os.path.normpath(current.parent / os.readlink(current)))
-            return _unsafe(target.joinpath(*parts[index:]), trusted, depth + 1)
+            return _unsafe(target.joinpath(*parts[index:]), trusted, depth + 1, ancestor)
         if not stat.S_ISDIR(info.st_mode):
             return f"{current} is not a directory"
         mode = stat.S_IMODE(info.st_mode)
-        if last and mode & 0o022:
+        if last and not ancestor and mode & 0o022:
             return f"{current} is writable by {'group' if mode & 0o020 else 'others'}"
         if _loose(mode):
             return f"{current} is writable by group or others without the sticky bit"
