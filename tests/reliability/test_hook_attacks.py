@@ -94,7 +94,8 @@ while not os.path.exists(stop) and time.monotonic() < deadline:
             try:
                 os.symlink(own, link)
             except OSError:
-                link = os.path.join(os.path.dirname(own), "swap")
+                mine = os.path.join(os.path.dirname(stop), f"attacker-{os.getuid()}")
+                link = os.path.join(mine, "swap")
                 if not os.path.islink(link):
                     os.symlink(own, link)
         if exchange(link, target):
@@ -322,7 +323,11 @@ def test_finding_1_swapping_the_hooks_directory_for_a_link(
     racer = race(setup, who, "swap", str(setup.writes_in), str(setup.victim_dir))
     runs = run_hooks(setup, RUNS)
     counts = racer.finish()
-    report_line.update(swaps=counts["succeeded"], victim_changed=setup.victim_state() != before)
+    report_line.update(
+        swaps=counts["succeeded"],
+        refused=counts["refused"],
+        victim_changed=setup.victim_state() != before,
+    )
     report_line["events"] = len(recorded(setup))
     assert all(r.returncode == 0 for r in runs)
     outside_untouched(setup, before)
@@ -377,7 +382,7 @@ def test_finding_7_creating_the_hooks_directory_first(
         assert done.returncode == 0, done.stderr
     runs = run_hooks(setup, RUNS)
     events = recorded(setup)
-    report_line.update(created=counts["succeeded"], events=len(events))
+    report_line.update(created=counts["succeeded"], refused=counts["refused"], events=len(events))
     assert all(r.returncode == 0 for r in runs)
     outside_untouched(setup, before)
     assert counts["succeeded"] == 0
@@ -404,7 +409,9 @@ def test_failure_branch_rm_with_the_directory_swapped(
     counts = racer.finish()
     after = setup.victim_state()
     report_line.update(
-        swaps=counts["succeeded"], victim_files_removed=len(set(before) - set(after))
+        swaps=counts["succeeded"],
+        refused=counts["refused"],
+        victim_files_removed=len(set(before) - set(after)),
     )
     assert all(r.returncode == 0 for r in runs)
     assert all(b"could not record" in r.stderr for r in runs)
