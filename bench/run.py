@@ -312,7 +312,7 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         '[caches.c]\nbackend = "nix-copy"\nuri = "file:///unused"\n'
     )
     ours = work / "hook-script.sh"
-    ours.write_text(render_hook_script(spool))
+    ours.write_text(render_hook_script(spool))  # ensure() made its hook directory
     python_hook = work / "enqueue-hook.sh"
     python_hook.write_text(
         f"#!/bin/sh\nexec {sys.executable} -m bridge enqueue-hook --config {config}\n"
@@ -363,12 +363,13 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
             if done.returncode != 0:
                 raise RuntimeError(f"nix-build with {name} failed: {done.stderr[-2000:]}")
             times[name].append(time.perf_counter() - started)
-        for leftover in spool.incoming.iterdir():
+        for leftover in [*spool.incoming.iterdir(), *spool.hook.iterdir()]:
             leftover.unlink()
     base = statistics.median(times["no hook"])
     result.rows.append(
         Row(f"nix-build of {sizes.builds} derivations, no hook (median)", f"{base:.2f} s")
     )
+    empty = statistics.median(times["floor: empty sh script"])
     for name in list(variants)[1:]:
         run = statistics.median(times[name])
         per_build = (run - base) / sizes.builds
@@ -376,6 +377,15 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         if name.startswith("hook-script"):
             result.rows.append(
                 Row(f"{name}: added per build", ms(per_build), "≤ 3 ms", per_build <= 0.003)
+            )
+            over_empty = (run - empty) / sizes.builds
+            result.rows.append(
+                Row(
+                    f"{name}: added per build over the empty sh hook",
+                    ms(over_empty),
+                    "≤ 1 ms",
+                    over_empty <= 0.001,
+                )
             )
             result.rows.append(
                 Row(f"{name}: whole run vs no hook", f"{ratio:.3f}x", "≤ 1.10x", ratio <= 1.10)
@@ -388,15 +398,21 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         DRV_PATH="/nix/store/hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv",
         OUT_PATHS="/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t",
     )
-    sh_true, alone = timed_runs(
-        [["/bin/sh", "-c", "true"], [str(ours)]], sizes.hook_calls, hook_env
+    sh_true, empty_alone, alone = timed_runs(
+        [["/bin/sh", "-c", "true"], [str(empty_sh)], [str(ours)]], sizes.hook_calls, hook_env
     )
-    for leftover in spool.incoming.iterdir():
+    for leftover in [*spool.incoming.iterdir(), *spool.hook.iterdir()]:
         leftover.unlink()
     result.rows.append(
         Row(
             f"`sh -c true` alone, {sizes.hook_calls} calls",
             f"median {ms(statistics.median(sh_true))}, p99 {ms(pct(sh_true, 0.99))}",
+        )
+    )
+    result.rows.append(
+        Row(
+            f"empty sh hook alone, {sizes.hook_calls} calls",
+            f"median {ms(statistics.median(empty_alone))}, p99 {ms(pct(empty_alone, 0.99))}",
         )
     )
     result.rows.append(
@@ -409,7 +425,9 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         f"Each variant builds {sizes.builds} new trivial derivations with `max-jobs = 1`, "
         f"{sizes.reps} runs each ({sizes.sync_reps} for the synchronous hook), interleaved. "
         "The two floor rows show what Nix spends on running any hook at all; the targets "
-        "are measured against no hook. "
+        "are measured against no hook, and against the empty sh hook in the same run "
+        "(what the hook's own work costs: one `printf` redirected into its root-only "
+        "directory, no fork). "
         "The synchronous hook is the seed document's, calling the stand-in `cachix` "
         "told to take 1 s per push (it then really copies with `nix copy`)."
     )
