@@ -39,9 +39,9 @@ if [ -d "$dir" ] && [ ! -L "$dir" ] && [ -O "$dir" ]; then
   fi
   # A partial line (disk full) would only be quarantined later: remove it now.
   rm -f -- "$dir/$name" 2>/dev/null
-  why="full or read-only"
+  why="missing, not writable or full"
 else
-  why="missing, or not owned by the hook's user"
+  why="missing, not writable or full: not a directory of the hook's user"
 fi
 echo "hydra-cachix-bridge: could not record ${DRV_PATH-unknown derivation} in $dir ($why);" \
   "its outputs will not be pushed" >&2

@@ -152,7 +152,7 @@ def _unsafe(path: Path, trusted: frozenset[int], depth: int, ancestor: bool) -> 
         try:
             info = os.lstat(current)
         except FileNotFoundError:
-            return f"{current} does not exist"
+            return f"{current} is missing"
         except OSError as exc:
             return f"{current}: {exc.strerror}"
         last = index == len(parts)
