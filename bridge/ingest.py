@@ -18,7 +18,7 @@ from bridge.config import Config
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.intake import count_event
 from bridge.matching import match_event
-from bridge.queue import Queue, spool_key
+from bridge.queue import Queue
 from bridge.spool import (
     EventFile,
     SpoolLayout,
@@ -56,8 +56,8 @@ class _Accepted:
     event: Event
     targets: tuple[tuple[str, str], ...]
     outcome: str
-    # The database key of an incoming/ file (name and digest); None for a hook file.
-    key: str | None = None
+    # The SHA-256 of the file's content: with the name, what makes it a duplicate.
+    digest: str | None = None
     # A hook file's (inode, mtime_ns, size): hook files stay, the daemon remembers them.
     hook_identity: tuple[int, int, int] | None = None
 
@@ -196,7 +196,6 @@ class Ingestor:
         try:
             raw = read_event_file(path, self.config.spool.max_event_bytes)
             digest = hashlib.sha256(raw.data).hexdigest()
-            key = spool_key(spool_name(path), digest)
             if self.queue.seen_spool_file(spool_name(path), digest):
                 # Recorded before a crash took us between commit and unlink. The content
                 # decides, not the name alone: another writer's file of the same name is
@@ -234,7 +233,8 @@ class Ingestor:
             self._quarantine(path, exc.reason, exc.message, stats)
             return None
         result = match_event(event, self.config.rules)
-        return _Accepted(path, event, result.targets, result.ignored_reason or "matched", key)
+        outcome = result.ignored_reason or "matched"
+        return _Accepted(path, event, result.targets, outcome, digest)
 
     def _read_hook(self, path: Path, stats: IngestStats) -> _Accepted | None:
         """Read one file of the hook directory; it stays there whatever happens."""
@@ -277,7 +277,8 @@ class Ingestor:
             return None
         result = match_event(event, self.config.rules)
         outcome = result.ignored_reason or "matched"
-        return _Accepted(path, event, result.targets, outcome, hook_identity=identity)
+        digest = hashlib.sha256(raw.data).hexdigest()
+        return _Accepted(path, event, result.targets, outcome, digest, identity)
 
     def _reject_hook(self, path: Path, raw: EventFile | None, reason: str, message: str) -> None:
         """Copy a bad hook file into quarantine (it cannot be moved) and remember it."""
@@ -353,10 +354,11 @@ class Ingestor:
             for item in chunk:
                 enqueued = self.queue.record_event(
                     item.event,
-                    spool_name=item.key,
+                    spool_name=spool_name(item.path),
                     outcome=item.outcome,
                     targets=item.targets,
                     now=now,
+                    spool_digest=item.digest,
                 )
                 if item.hook_identity is not None:
                     self.queue.record_hook_file(item.path.name, item.hook_identity, now)

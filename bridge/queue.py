@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     spool_name TEXT UNIQUE,
+    -- SHA-256 of the spool file's content: a file is a duplicate only with the same content.
+    spool_digest TEXT,
     source TEXT NOT NULL,
     received_at REAL NOT NULL,
     recorded_at REAL NOT NULL,
@@ -207,6 +209,9 @@ def open_database(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'item_counts'"
             ).fetchone()
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+            if "spool_digest" not in columns:  # a database from before content-keyed dedup
+                conn.execute("ALTER TABLE events ADD COLUMN spool_digest TEXT")
             if had_counts is None:
                 conn.execute(
                     "INSERT OR REPLACE INTO item_counts (cache, state, n)"
@@ -275,16 +280,14 @@ class Queue:
     # -- ingest ---------------------------------------------------------------------------
 
     def seen_spool_file(self, name: str, digest: str | None = None) -> bool:
-        """True if an event file of this name with this content digest (any content when
-        digest is None) was recorded."""
-        if digest is not None:
-            key = spool_key(name, digest)
-            row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (key,)).fetchone()
+        """True if an event file of this name was recorded (with this content digest, when
+        one is given: a file of the same name and other content is another event)."""
+        if digest is None:
+            row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (name,)).fetchone()
         else:
-            prefix = spool_key(name, "")
             row = self.conn.execute(
-                "SELECT 1 FROM events WHERE spool_name = ? OR (spool_name >= ? AND spool_name < ?)",
-                (name, prefix, prefix[:-1] + ";"),
+                "SELECT 1 FROM events WHERE spool_name IN (?, ?) AND spool_digest = ?",
+                (name, spool_key(name, digest), digest),
             ).fetchone()
         return row is not None
 
@@ -320,18 +323,31 @@ class Queue:
         outcome: str,
         targets: Sequence[tuple[str, str]],
         now: float,
+        spool_digest: str | None = None,
     ) -> dict[str, int] | None:
         """Record an event and enqueue its targets (call inside transaction()).
 
         Returns the number of newly queued paths per cache, or None when this spool file
-        was recorded before (a re-read after a crash between commit and unlink).
+        was recorded before (a re-read after a crash between commit and unlink). With a
+        digest, only the same name *and* content is a duplicate: a file of a name already
+        recorded with other content is recorded as `NAME sha256:DIGEST`.
         """
+        if spool_name is not None and spool_digest is not None:
+            if self.seen_spool_file(spool_name, spool_digest):
+                return None
+            taken = self.conn.execute(
+                "SELECT 1 FROM events WHERE spool_name = ?", (spool_name,)
+            ).fetchone()
+            if taken is not None:
+                spool_name = spool_key(spool_name, spool_digest)
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO events (spool_name, source, received_at, recorded_at, build_id,"
-            " project, jobset, job, build_status, drv_path, finished_at, outcome, targets)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO events (spool_name, spool_digest, source, received_at,"
+            " recorded_at, build_id, project, jobset, job, build_status, drv_path, finished_at,"
+            " outcome, targets)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 spool_name,
+                spool_digest,
                 event.source,
                 event.received_at,
                 now,

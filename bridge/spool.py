@@ -126,9 +126,7 @@ HOOK_DIR_MODE = 0o2750
 """The hook directory of a shared spool: root writes, the producers' group (the daemon) reads."""
 
 
-def unsafe_directory(
-    path: Path, trusted: Collection[int], *, ancestor: bool = False
-) -> str | None:
+def unsafe_directory(path: Path, trusted: Collection[int], *, ancestor: bool = False) -> str | None:
     """Why someone outside `trusted` (uids) could redirect writes into path, or None.
 
     Every component from / down must be a directory owned by a trusted uid; an ancestor

@@ -487,10 +487,14 @@ def test_the_daemon_reads_the_hooks_events_once_and_leaves_the_files(setup: Setu
     assert len(list(setup.layout.hook.iterdir())) == 5
     again = _ingest_as_daemon(setup.config)
     assert again["recorded"] == 0 and len(again["events"]) == 5
-    # A file the hook rewrites under the same name (a reused pid) is a new event.
+    # A file the hook rewrites under the same name (a reused pid): read again; the same
+    # content is the same event (a duplicate), other content a new one.
     [first_file] = sorted(setup.layout.hook.iterdir())[:1]
     time.sleep(0.01)
     first_file.write_bytes(first_file.read_bytes())
+    same = _ingest_as_daemon(setup.config)
+    assert (same["recorded"], same["duplicates"]) == (0, 1)
+    first_file.write_bytes(first_file.read_bytes().replace(b"-out", b"-out2"))
     assert _ingest_as_daemon(setup.config)["recorded"] == 1
     # Files aged out by tmpfiles are forgotten.
     for path in setup.layout.hook.iterdir():
