@@ -164,7 +164,8 @@ def _unsafe(path: Path, trusted: frozenset[int], depth: int, ancestor: bool) -> 
             return f"{current} is not a directory"
         mode = stat.S_IMODE(info.st_mode)
         if last and not ancestor and mode & 0o022:
-            return f"{current} is writable by {'group' if mode & 0o020 else 'others'}"
+            who = " and ".join(w for b, w in ((0o020, "group"), (0o002, "others")) if mode & b)
+            return f"{current} is writable by {who}"
         if _loose(mode):
             return f"{current} is writable by group or others without the sticky bit"
     return None
