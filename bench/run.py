@@ -56,6 +56,9 @@ class Sizes:
     builds: int = 40
     reps: int = 5
     sync_reps: int = 2
+    # Runs of no hook, the empty sh hook and hook-script, paired run by run (the hook's cost
+    # over the empty hook is well under the noise of one run on a busy machine).
+    pair_reps: int = 15
     hook_calls: int = 200
     enqueue_runs: int = 100
     latency_rate: int = 50
@@ -76,6 +79,7 @@ SMOKE = Sizes(
     builds=3,
     reps=1,
     sync_reps=1,
+    pair_reps=1,
     hook_calls=10,
     enqueue_runs=5,
     latency_rate=20,
@@ -347,10 +351,13 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         "enqueue-hook (Python)": python_hook,
         "seed: synchronous cachix push (1 s)": seed,
     }
+    paired = ("no hook", "floor: empty sh script", "hook-script (sh)")
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(sizes.reps):
+    for rep in range(max(sizes.reps, sizes.pair_reps)):
         for name, hook in variants.items():
             if hook is seed and rep >= sizes.sync_reps:
+                continue
+            if rep >= sizes.reps and name not in paired:
                 continue
             nonce = f"{list(variants).index(name)}-{rep}-{time.time_ns()}"
             expr = work / f"b-{rep}-{abs(hash(name))}.nix"
@@ -369,7 +376,6 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
     result.rows.append(
         Row(f"nix-build of {sizes.builds} derivations, no hook (median)", f"{base:.2f} s")
     )
-    empty = statistics.median(times["floor: empty sh script"])
     for name in list(variants)[1:]:
         run = statistics.median(times[name])
         per_build = (run - base) / sizes.builds
@@ -378,10 +384,14 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
             result.rows.append(
                 Row(f"{name}: added per build", ms(per_build), "≤ 3 ms", per_build <= 0.003)
             )
-            over_empty = (run - empty) / sizes.builds
+            # Paired: each run of the hook against the empty hook's run just before it.
+            empty = times["floor: empty sh script"]
+            diffs = [a - b for a, b in zip(times[name], empty, strict=True)]
+            over_empty = statistics.median(diffs) / sizes.builds
             result.rows.append(
                 Row(
-                    f"{name}: added per build over the empty sh hook",
+                    f"{name}: added per build over the empty sh hook "
+                    f"(median of {len(diffs)} paired runs)",
                     ms(over_empty),
                     "≤ 1 ms",
                     over_empty <= 0.001,
@@ -423,7 +433,8 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
     )
     result.notes.append(
         f"Each variant builds {sizes.builds} new trivial derivations with `max-jobs = 1`, "
-        f"{sizes.reps} runs each ({sizes.sync_reps} for the synchronous hook), interleaved. "
+        f"{sizes.reps} runs each ({sizes.sync_reps} for the synchronous hook; "
+        f"{sizes.pair_reps} for no hook, the empty sh hook and hook-script), interleaved. "
         "The two floor rows show what Nix spends on running any hook at all; the targets "
         "are measured against no hook, and against the empty sh hook in the same run "
         "(what the hook's own work costs: one `printf` redirected into its root-only "
