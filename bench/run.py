@@ -59,6 +59,9 @@ class Sizes:
     builds: int = 40
     reps: int = 5
     sync_reps: int = 2
+    # Runs of no hook, the empty sh hook and hook-script, paired run by run (the hook's cost
+    # over the empty hook is well under the noise of one run on a busy machine).
+    pair_reps: int = 15
     hook_calls: int = 200
     enqueue_runs: int = 100
     latency_rate: int = 50
@@ -79,6 +82,7 @@ SMOKE = Sizes(
     builds=3,
     reps=1,
     sync_reps=1,
+    pair_reps=1,
     hook_calls=10,
     enqueue_runs=5,
     latency_rate=20,
@@ -322,7 +326,7 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         '[caches.c]\nbackend = "nix-copy"\nuri = "file:///unused"\n'
     )
     ours = work / "hook-script.sh"
-    ours.write_text(render_hook_script(spool))
+    ours.write_text(render_hook_script(spool))  # ensure() made its hook directory
     python_hook = work / "enqueue-hook.sh"
     python_hook.write_text(
         f"#!/bin/sh\nexec {sys.executable} -m bridge enqueue-hook --config {config}\n"
@@ -357,10 +361,13 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         "enqueue-hook (Python)": python_hook,
         "seed: synchronous cachix push (1 s)": seed,
     }
+    paired = ("no hook", "floor: empty sh script", "hook-script (sh)")
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(sizes.reps):
+    for rep in range(max(sizes.reps, sizes.pair_reps)):
         for name, hook in variants.items():
             if hook is seed and rep >= sizes.sync_reps:
+                continue
+            if rep >= sizes.reps and name not in paired:
                 continue
             nonce = f"{list(variants).index(name)}-{rep}-{time.time_ns()}"
             expr = work / f"b-{rep}-{abs(hash(name))}.nix"
@@ -375,7 +382,7 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
             if done.returncode != 0:
                 raise RuntimeError(f"nix-build with {name} failed: {done.stderr[-2000:]}")
             times[name].append(time.perf_counter() - started)
-        for leftover in spool.incoming.iterdir():
+        for leftover in [*spool.incoming.iterdir(), *spool.hook.iterdir()]:
             leftover.unlink()
     base = statistics.median(times["no hook"])
     result.rows.append(
@@ -389,6 +396,19 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
             result.rows.append(
                 Row(f"{name}: added per build", ms(per_build), "≤ 3 ms", per_build <= 0.003)
             )
+            # Paired: each run of the hook against the empty hook's run just before it.
+            empty = times["floor: empty sh script"]
+            diffs = [a - b for a, b in zip(times[name], empty, strict=True)]
+            over_empty = statistics.median(diffs) / sizes.builds
+            result.rows.append(
+                Row(
+                    f"{name}: added per build over the empty sh hook "
+                    f"(median of {len(diffs)} paired runs)",
+                    ms(over_empty),
+                    "≤ 1 ms",
+                    over_empty <= 0.001,
+                )
+            )
             result.rows.append(
                 Row(f"{name}: whole run vs no hook", f"{ratio:.3f}x", "≤ 1.10x", ratio <= 1.10)
             )
@@ -400,15 +420,21 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
         DRV_PATH="/nix/store/hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv",
         OUT_PATHS="/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t",
     )
-    sh_true, alone = timed_runs(
-        [["/bin/sh", "-c", "true"], [str(ours)]], sizes.hook_calls, hook_env
+    sh_true, empty_alone, alone = timed_runs(
+        [["/bin/sh", "-c", "true"], [str(empty_sh)], [str(ours)]], sizes.hook_calls, hook_env
     )
-    for leftover in spool.incoming.iterdir():
+    for leftover in [*spool.incoming.iterdir(), *spool.hook.iterdir()]:
         leftover.unlink()
     result.rows.append(
         Row(
             f"`sh -c true` alone, {sizes.hook_calls} calls",
             f"median {ms(statistics.median(sh_true))}, p99 {ms(pct(sh_true, 0.99))}",
+        )
+    )
+    result.rows.append(
+        Row(
+            f"empty sh hook alone, {sizes.hook_calls} calls",
+            f"median {ms(statistics.median(empty_alone))}, p99 {ms(pct(empty_alone, 0.99))}",
         )
     )
     result.rows.append(
@@ -419,9 +445,12 @@ def build_loop(sizes: Sizes, work: Path) -> Result:
     )
     result.notes.append(
         f"Each variant builds {sizes.builds} new trivial derivations with `max-jobs = 1`, "
-        f"{sizes.reps} runs each ({sizes.sync_reps} for the synchronous hook), interleaved. "
+        f"{sizes.reps} runs each ({sizes.sync_reps} for the synchronous hook; "
+        f"{sizes.pair_reps} for no hook, the empty sh hook and hook-script), interleaved. "
         "The two floor rows show what Nix spends on running any hook at all; the targets "
-        "are measured against no hook. "
+        "are measured against no hook, and against the empty sh hook in the same run "
+        "(what the hook's own work costs: one `printf` redirected into its root-only "
+        "directory, no fork). "
         "The synchronous hook is the seed document's, calling the stand-in `cachix` "
         "told to take 1 s per push (it then really copies with `nix copy`)."
     )

@@ -158,13 +158,14 @@ def enqueue_hook(config_path: Path | None) -> None:
 
         from bridge.config import ConfigError, load_config
         from bridge.events import hook_envelope
-        from bridge.spool import SpoolLayout, SpoolUnavailable, write_event
+        from bridge.spool import SpoolLayout, SpoolUnavailable, write_hook_event
 
         config = load_config(config_path)
         document = hook_envelope(
             os.environ.get("DRV_PATH", ""), os.environ.get("OUT_PATHS", ""), time.time()
         )
-        write_event(SpoolLayout(config.spool_dir), "hook", document)
+        # The hook's own channel: only there do hook events count.
+        write_hook_event(SpoolLayout.of(config), document, config.spool.max_event_bytes)
     except (ConfigError, SpoolUnavailable) as exc:
         click.echo(f"hydra-cachix-bridge: warning: build not recorded: {exc}", err=True)
     except Exception as exc:  # a post-build-hook must never fail the build loop
@@ -178,23 +179,37 @@ def enqueue_hook(config_path: Path | None) -> None:
     "--tools-path",
     default=None,
     metavar="DIRS",
-    help="Colon-separated directories with mv, mkdir, tr and sed, put first on the "
+    help="Colon-separated directories with rm, tr and sed, put first on the "
     "hook's PATH (default: the PATH nix-daemon gives the hook).",
 )
 def hook_script(config_path: Path | None, tools_path: str | None) -> None:
     """Print a POSIX sh post-build-hook bound to the configured spool (no Python at build time)."""
-    from bridge.hookscript import render_hook_script
+    from bridge.hookscript import hook_directory_problem, render_hook_script
     from bridge.spool import SpoolLayout
 
     config = _load(config_path)
-    layout = SpoolLayout(config.spool_dir)
-    if not layout.is_alive():
+    layout = SpoolLayout.of(config)
+    if not layout.is_alive() or not layout.hook.is_dir():
         click.echo(
-            f"hydra-cachix-bridge: warning: the spool {layout.root} does not exist yet: until "
-            "`hydra-cachix-bridge init` (or the daemon's first start) creates it, this hook "
-            "drops every build (saying so in the build log)",
+            f"hydra-cachix-bridge: warning: the spool {layout.root} or its hook directory "
+            f"{layout.hook} does not exist yet: until `hydra-cachix-bridge init` (or the "
+            "daemon's first start, for a private spool) creates it, this hook drops every "
+            "build (saying so in the build log)",
             err=True,
         )
+    else:
+        problem = hook_directory_problem(layout)
+        if problem is not None:
+            message = (
+                f"the hook directory {layout.hook} is not safe for a hook run as this user: "
+                f"{problem}. Another user could redirect the hook's writes. Run "
+                "`hydra-cachix-bridge init` as root (it makes the spool root and the hook "
+                "directory root-owned), or set [spool] hook_dir to a directory that only "
+                "root can change"
+            )
+            if os.geteuid() == 0:
+                _fail(message)
+            click.echo(f"hydra-cachix-bridge: warning: {message}", err=True)
     click.echo(render_hook_script(layout, tools_path), nl=False)
 
 

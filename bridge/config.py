@@ -129,6 +129,8 @@ class SpoolSettings:
     max_event_bytes: int = 1024 * 1024
     rescan_seconds: float = 30.0
     group_writable: bool = False
+    # The root-only channel of the post-build-hook; None means <spool_dir>/hook.
+    hook_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,11 @@ class Config:
     def database_path(self) -> Path:
         """The SQLite queue file."""
         return self.state_dir / "queue.sqlite3"
+
+    @property
+    def hook_dir(self) -> Path:
+        """Where the post-build-hook writes its events (only its own user may write there)."""
+        return self.spool.hook_dir or self.spool_dir / "hook"
 
 
 def default_state_dir() -> Path:
@@ -551,6 +558,7 @@ def parse_config(data: dict[str, Any], file: str, base: Path | None = None) -> C
         ),
         rescan_seconds=s.number("rescan_seconds", ds.rescan_seconds, 0.1),
         group_writable=s.get("group_writable", bool, ds.group_writable),
+        hook_dir=_under(base, s.path("hook_dir")),
     )
     s.finish()
 

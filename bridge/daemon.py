@@ -82,7 +82,7 @@ class Daemon:
         )
         self.rng = rng
         self.serve_metrics = config.metrics.enabled if serve_metrics is None else serve_metrics
-        self.layout = SpoolLayout(config.spool_dir)
+        self.layout = SpoolLayout.of(config)
         self.metrics = BridgeMetrics(
             self.registry,
             version=__version__,
@@ -188,7 +188,9 @@ class Daemon:
                 self.server.port,
             )
         # Watch first, then scan: a file arriving in between is seen by one or the other.
-        self.watcher = SpoolWatcher(self.layout.incoming, self.notifications)
+        self.watcher = SpoolWatcher(
+            self.layout.incoming, self.notifications, also=(self.layout.hook,)
+        )
         self.watcher.start()
         self.metrics.spool_watch_alive.set(1)
         try:

@@ -217,7 +217,7 @@ def run_demo(
     work = config.state_dir / "demo"
     work.mkdir(parents=True, exist_ok=True)
     hook = config.state_dir / "post-build-hook.sh"
-    hook.write_text(render_hook_script(SpoolLayout(config.spool_dir)))
+    hook.write_text(render_hook_script(SpoolLayout.of(config)))
     hook.chmod(0o755)
 
     daemon = Daemon(config, serve_metrics=False)

@@ -27,6 +27,8 @@ REJECT_REASONS = (
     "unresolved_outputs",
     "foreign_outputs",
     "invalid_build_row",
+    "untrusted_channel",
+    "incomplete_event",
 )
 
 MAX_NAME_LENGTH = 1024

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import sqlite3
@@ -21,7 +22,15 @@ from bridge.matching import match_event
 from bridge.quarantine import RejectionCounter
 from bridge.queue import Queue
 from bridge.safeopen import is_transient
-from bridge.spool import SpoolLayout, is_candidate, quarantine, read_event_file
+from bridge.spool import (
+    EventFile,
+    SpoolLayout,
+    is_candidate,
+    quarantine,
+    quarantine_bytes,
+    read_event_file,
+    unsafe_directory,
+)
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
 
@@ -50,6 +59,10 @@ class _Accepted:
     event: Event
     targets: tuple[tuple[str, str], ...]
     outcome: str
+    # The SHA-256 of the file's content: with the name, what makes it a duplicate.
+    digest: str | None = None
+    # A hook file's (inode, mtime_ns, size): hook files stay, the daemon remembers them.
+    hook_identity: tuple[int, int, int] | None = None
 
 
 class Ingestor:
@@ -69,7 +82,7 @@ class Ingestor:
         self.stop = stop
         self.progress = progress
         self.config = config
-        self.layout = SpoolLayout(config.spool_dir)
+        self.layout = SpoolLayout.of(config)
         self.queue = queue
         self.store = store
         self.metrics = metrics
@@ -81,15 +94,68 @@ class Ingestor:
             lambda reason: metrics.events_rejected.labels(reason).inc(),
             clock.time,
         )
+        # Hook files consumed so far (loaded from the database on first use).
+        self._hook_seen: dict[str, tuple[int, int, int]] | None = None
+        self._hook_problem: str | None = None
+        self._incoming_private = False
 
     def scan(self) -> list[Path]:
-        """Every candidate file currently in incoming/, oldest name first."""
+        """Every candidate file in incoming/ and every unconsumed one in the hook directory."""
         try:
             with os.scandir(self.layout.incoming) as entries:
                 names = sorted(e.name for e in entries if is_candidate(e.name))
         except FileNotFoundError:
+            names = []
+        return [self.layout.incoming / name for name in names] + self._scan_hook()
+
+    def _scan_hook(self) -> list[Path]:
+        hook = self.layout.hook
+        try:
+            with os.scandir(hook) as entries:
+                present = {e.name: e for e in entries if is_candidate(e.name)}
+        except OSError:
             return []
-        return [self.layout.incoming / name for name in names]
+        seen = self._seen_hook_files()
+        gone = [name for name in seen if name not in present]
+        if gone:
+            self.queue.forget_hook_files(gone)  # aged out by tmpfiles
+            for name in gone:
+                del seen[name]
+        fresh = []
+        for name in sorted(present):
+            known = seen.get(name)
+            if known is not None:
+                try:
+                    info = present[name].stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (info.st_ino, info.st_mtime_ns, info.st_size) == known:
+                    continue
+            fresh.append(hook / name)
+        return fresh
+
+    def _seen_hook_files(self) -> dict[str, tuple[int, int, int]]:
+        if self._hook_seen is None:
+            self._hook_seen = self.queue.hook_files()
+        return self._hook_seen
+
+    def _check_channels(self) -> None:
+        """Which channels may carry hook events now: the hook directory if only the hook's
+        user (root, or this daemon's own user) can write it, and incoming/ only if it is
+        private to this daemon."""
+        trusted = {0, os.geteuid()}
+        self._incoming_private = unsafe_directory(self.layout.incoming, trusted) is None
+        problem = unsafe_directory(self.layout.hook, trusted)
+        if problem is not None and not os.path.lexists(self.layout.hook):
+            problem = None  # nothing there to read (a spool without the hook)
+        if problem != self._hook_problem and problem is not None:
+            log.error(
+                "hook directory %s is not safe, its files are not read: %s (run "
+                "`hydra-cachix-bridge init` as root, see docs/deployment.md)",
+                printable(str(self.layout.hook)),
+                printable(problem),
+            )
+        self._hook_problem = problem
 
     def check_quarantine(self) -> int:
         """Count rejected files that producers put into quarantine/ since the last check."""
@@ -99,6 +165,7 @@ class Ingestor:
         """Process files; those left unparsed and still settling are counted as deferred."""
         stats = IngestStats()
         chunk: list[_Accepted] = []
+        self._check_channels()
         for path in paths:
             if self.stop is not None and self.stop.is_set():
                 break  # files not read yet stay in the spool for the next start
@@ -114,7 +181,21 @@ class Ingestor:
         return stats
 
     def _accept(self, path: Path, stats: IngestStats, writer_closed: bool) -> _Accepted | None:
-        if path.parent != self.layout.incoming or not is_candidate(path.name):
+        if not is_candidate(path.name):
+            return None
+        if path.parent == self.layout.hook and path.parent != self.layout.incoming:
+            if self._hook_problem is not None:
+                return None
+            try:
+                return self._read_hook(path, stats)
+            except sqlite3.Error:
+                raise
+            except Exception as exc:
+                log.exception("unexpected error reading hook file %s", printable(path.name))
+                self._reject_hook(path, None, "invalid_event", f"unexpected {type(exc).__name__}")
+                stats.quarantined += 1
+                return None
+        if path.parent != self.layout.incoming:
             return None
         try:
             return self._read(path, stats, writer_closed)
@@ -132,12 +213,15 @@ class Ingestor:
     def _read(self, path: Path, stats: IngestStats, writer_closed: bool) -> _Accepted | None:
         now = self.clock.time()
         try:
-            if self.queue.seen_spool_file(spool_name(path)):
-                # Recorded before a crash took us between commit and unlink.
+            raw = read_event_file(path, self.config.spool.max_event_bytes)
+            digest = hashlib.sha256(raw.data).hexdigest()
+            if self.queue.seen_spool_file(spool_name(path), digest):
+                # Recorded before a crash took us between commit and unlink. The content
+                # decides, not the name alone: another writer's file of the same name is
+                # a different event.
                 stats.duplicates += 1
                 _unlink(path)
                 return None
-            raw = read_event_file(path, self.config.spool.max_event_bytes)
             try:
                 event = parse_spool_document(decode_json(raw.data), fallback_time=raw.mtime)
             except EventRejected as exc:
@@ -146,6 +230,12 @@ class Ingestor:
                     stats.deferred += 1
                     return None
                 raise
+            if event.source == "hook" and not self._incoming_private:
+                raise EventRejected(
+                    "untrusted_channel",
+                    "hook events count only from the hook directory, which only root writes; "
+                    "incoming/ is writable by other users",
+                )
             if event.needs_output_resolution and event.drv_path is not None:
                 event = self._resolve(event)
             elif event.source == "hydra" and event.drv_path is not None:
@@ -167,7 +257,90 @@ class Ingestor:
             self._quarantine(path, exc.reason, exc.message, stats)
             return None
         result = match_event(event, self.config.rules)
-        return _Accepted(path, event, result.targets, result.ignored_reason or "matched")
+        outcome = result.ignored_reason or "matched"
+        return _Accepted(path, event, result.targets, outcome, digest)
+
+    def _read_hook(self, path: Path, stats: IngestStats) -> _Accepted | None:
+        """Read one file of the hook directory; it stays there whatever happens."""
+        now = self.clock.time()
+        try:
+            raw = read_event_file(path, self.config.spool.max_event_bytes)
+        except (FileNotFoundError, PermissionError):
+            return None  # gone (aged out), or not for us to read: nothing to remember
+        except OSError as exc:
+            if is_transient(exc):
+                self._defer_transient(path, exc.strerror or str(exc), stats)
+                return None
+            self._reject_hook(path, None, "unreadable", f"cannot read: {exc.strerror}")
+            stats.quarantined += 1
+            return None
+        except EventRejected as exc:
+            self._reject_hook(path, None, exc.reason, exc.message)
+            stats.quarantined += 1
+            return None
+        identity = (raw.inode, raw.mtime_ns, len(raw.data))
+        if self._seen_hook_files().get(path.name) == identity:
+            return None
+        if not raw.data.endswith(b"\n"):
+            # The hook writes the whole line at once; until its newline is there the file
+            # is being written (or the write failed and the hook is removing it).
+            if now - raw.mtime < SETTLE_SECONDS:
+                stats.deferred += 1
+                return None
+            self._reject_hook(path, raw, "incomplete_event", "hook file has no final newline")
+            stats.quarantined += 1
+            return None
+        try:
+            event = parse_spool_document(decode_json(raw.data), fallback_time=raw.mtime)
+            if event.source != "hook":
+                raise EventRejected("invalid_event", "the hook directory holds hook events only")
+            if event.needs_output_resolution and event.drv_path is not None:
+                event = self._resolve(event)
+        except EventRejected as exc:
+            self._reject_hook(path, raw, exc.reason, exc.message)
+            stats.quarantined += 1
+            return None
+        result = match_event(event, self.config.rules)
+        outcome = result.ignored_reason or "matched"
+        digest = hashlib.sha256(raw.data).hexdigest()
+        return _Accepted(path, event, result.targets, outcome, digest, identity)
+
+    def _reject_hook(self, path: Path, raw: EventFile | None, reason: str, message: str) -> None:
+        """Copy a bad hook file into quarantine (it cannot be moved) and remember it."""
+        now = self.clock.time()
+        if raw is not None:
+            identity = (raw.inode, raw.mtime_ns, len(raw.data))
+            data = raw.data
+        else:
+            try:
+                info = os.lstat(path)
+            except OSError:
+                return
+            identity = (info.st_ino, info.st_mtime_ns, info.st_size)
+            data = b""
+        try:
+            target = quarantine_bytes(self.layout, "hook", data, reason, message, now)
+        except OSError as exc:
+            log.error(
+                "cannot quarantine hook file %s (%s): %s; tried again at the next rescan",
+                printable(path.name),
+                reason,
+                exc.strerror,
+            )
+            return
+        with self.queue.transaction():
+            self.queue.record_hook_file(path.name, identity, now)
+        self._seen_hook_files()[path.name] = identity
+        # Claimed, so that the quarantine rescan does not count the copy a second time.
+        if self.rejections.claim(target, reason):
+            self.metrics.events_rejected.labels(reason).inc()
+        log.warning(
+            "rejected hook file %s as %s: %s (copy in %s)",
+            printable(path.name),
+            reason,
+            message,
+            printable(str(target)),
+        )
 
     def _defer_transient(self, path: Path, why: str, stats: IngestStats) -> None:
         """Leave a file for the next pass: the machine, not the file, is at fault."""
@@ -219,9 +392,12 @@ class Ingestor:
                     self._commit([item], stats)
                 return
             log.exception("cannot record event file %s", printable(chunk[0].path.name))
-            self._quarantine(
-                chunk[0].path, "invalid_event", f"cannot be recorded: {type(exc).__name__}", stats
-            )
+            message = f"cannot be recorded: {type(exc).__name__}"
+            if chunk[0].hook_identity is not None:
+                self._reject_hook(chunk[0].path, None, "invalid_event", message)
+                stats.quarantined += 1
+                return
+            self._quarantine(chunk[0].path, "invalid_event", message, stats)
 
     def _commit_together(self, chunk: list[_Accepted], stats: IngestStats) -> None:
         now = self.clock.time()
@@ -234,11 +410,18 @@ class Ingestor:
                     outcome=item.outcome,
                     targets=item.targets,
                     now=now,
+                    spool_digest=item.digest,
                 )
+                if item.hook_identity is not None:
+                    self.queue.record_hook_file(item.path.name, item.hook_identity, now)
                 results.append((item, enqueued))
-        # Only now that the rows are durable may the files go.
+        # Only now that the rows are durable may the files go (hook files stay: tmpfiles
+        # ages them out of the root-only directory).
         for item, _ in results:
-            _unlink(item.path)
+            if item.hook_identity is None:
+                _unlink(item.path)
+            else:
+                self._seen_hook_files()[item.path.name] = item.hook_identity
         any_enqueued = False
         for item, enqueued in results:
             if enqueued is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.config import Config
-from bridge.spool import SpoolLayout, spool_mode
+from bridge.spool import HOOK_DIR_MODE, SpoolLayout, spool_mode, unsafe_directory
 
 # The state directory holds the queue and the lock: private to the daemon's user. When the
 # spool lives inside it and is shared, the group may pass through (x) but not list (r).
@@ -64,30 +64,92 @@ def resolve_owner(config: Config, user: str | None, group: str | None) -> Owner:
     return owner
 
 
-def wanted_directories(config: Config) -> list[tuple[Path, int]]:
-    """Every directory init manages with its mode, parents first."""
+ROOT_MODE_SHARED = 0o755
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One directory init manages: its mode and whether root (not the daemon) owns it."""
+
+    path: Path
+    mode: int
+    root_owned: bool = False
+
+
+def wanted_directories(config: Config) -> list[Wanted]:
+    """Every directory init manages with its mode and owner, parents first.
+
+    A shared spool's root and the hook directory belong to root: the root-run hook writes
+    into the hook directory, so no other user, the daemon's included, may be able to
+    rename or replace it or anything above it. The producers' directories belong to the
+    daemon's user and the group (3770: setgid and sticky).
+    """
     shared = config.spool.group_writable
-    spool = SpoolLayout(config.spool_dir)
+    spool = SpoolLayout.of(config)
     inside = config.spool_dir.is_relative_to(config.state_dir)
     state_mode = STATE_MODE_SHARED_SPOOL_INSIDE if shared and inside else STATE_MODE
-    wanted = [(config.state_dir, state_mode)]
+    wanted = [Wanted(config.state_dir, state_mode)]
     if inside:  # directories between the state directory and the spool
         for parent in reversed(config.spool_dir.parents):
             if parent.is_relative_to(config.state_dir) and parent != config.state_dir:
-                wanted.append((parent, state_mode))
-    wanted += [(directory, spool_mode(shared)) for directory in spool.directories]
+                wanted.append(Wanted(parent, state_mode))
+    if shared:
+        wanted.append(Wanted(spool.root, ROOT_MODE_SHARED, root_owned=True))
+        wanted += [Wanted(d, spool_mode(True)) for d in spool.directories[1:]]
+        wanted.append(Wanted(spool.hook, HOOK_DIR_MODE, root_owned=True))
+    else:
+        wanted += [Wanted(d, spool_mode(False)) for d in (*spool.directories, spool.hook)]
     return wanted
+
+
+def _hook_ancestor_problem(config: Config, wanted: list[Wanted], owner: Owner) -> str | None:
+    """Why the hook directory of a shared spool would not be root's alone, before anything
+    is made: a directory above it owned by the daemon, or an existing unsafe one."""
+    hook = SpoolLayout.of(config).hook
+    managed = {w.path: w for w in wanted}
+    for parent in reversed(hook.parents):
+        entry = managed.get(parent)
+        if entry is not None:
+            if not entry.root_owned and owner.uid != 0:
+                return (
+                    f"{parent} belongs to {owner.user}, who could then replace the hook "
+                    "directory below it; put spool_dir (or [spool] hook_dir) outside the "
+                    'state directory, e.g. spool_dir = "/var/spool/hydra-cachix-bridge"'
+                )
+            continue
+        if not os.path.lexists(parent):
+            continue  # made by init: root's, 0755
+        problem = unsafe_directory(parent, {0}, ancestor=True)
+        if problem is not None:
+            return problem
+    return None
 
 
 def init_directories(config: Config, owner: Owner) -> list[str]:
     """Create or repair each directory; return one line per directory saying what was done."""
     wanted = wanted_directories(config)
-    for directory, _ in wanted:  # refuse before changing anything
-        if directory.is_symlink():
-            raise InitError(f"{directory} is a symbolic link; refusing to follow it")
-        if directory.exists() and not directory.is_dir():
-            raise InitError(f"{directory} exists and is not a directory")
-    return [_ensure(directory, mode, owner) for directory, mode in wanted]
+    for entry in wanted:  # refuse before changing anything
+        if entry.path.is_symlink():
+            raise InitError(f"{entry.path} is a symbolic link; refusing to follow it")
+        if entry.path.exists() and not entry.path.is_dir():
+            raise InitError(f"{entry.path} exists and is not a directory")
+    if config.spool.group_writable:
+        if os.geteuid() != 0:
+            raise InitError(
+                "a shared spool needs root: its root and the hook directory must belong to "
+                "root, so that nobody else can redirect the root-run post-build-hook"
+            )
+        problem = _hook_ancestor_problem(config, wanted, owner)
+        if problem is not None:
+            raise InitError(f"the hook directory would not be root's alone: {problem}")
+    root = Owner("root", 0, owner.group, owner.gid)
+    lines = []
+    for entry in wanted:
+        who = owner
+        if entry.root_owned:
+            who = root if entry.mode == HOOK_DIR_MODE else Owner("root", 0, "root", 0)
+        lines.append(_ensure(entry.path, entry.mode, who))
+    return lines
 
 
 def _ensure(directory: Path, mode: int, owner: Owner) -> str:

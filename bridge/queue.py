@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     spool_name TEXT UNIQUE,
+    -- SHA-256 of the spool file's content: a file is a duplicate only with the same content.
+    spool_digest TEXT,
     source TEXT NOT NULL,
     received_at REAL NOT NULL,
     recorded_at REAL NOT NULL,
@@ -99,6 +101,15 @@ CREATE TABLE IF NOT EXISTS cache_health (
     failures INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
 );
+-- Files the daemon consumed from the hook's root-only directory, which it may not delete
+-- from (tmpfiles ages them out): a file counts as new again when its identity changes.
+CREATE TABLE IF NOT EXISTS hook_files (
+    name TEXT PRIMARY KEY,
+    inode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    consumed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS log_offsets (
     path TEXT PRIMARY KEY,
     device INTEGER NOT NULL,
@@ -108,6 +119,12 @@ CREATE TABLE IF NOT EXISTS log_offsets (
     updated_at REAL NOT NULL
 );
 """
+
+
+def spool_key(name: str, digest: str) -> str:
+    """How a spool file is recorded: its name and its content's SHA-256, so that a file of
+    the same name from another writer is another event, not a duplicate."""
+    return f"{name} sha256:{digest}"
 
 
 class QueueError(Exception):
@@ -225,6 +242,9 @@ def open_database(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'item_counts'"
             ).fetchone()
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+            if "spool_digest" not in columns:  # a database from before content-keyed dedup
+                conn.execute("ALTER TABLE events ADD COLUMN spool_digest TEXT")
             if had_counts is None:
                 conn.execute(
                     "INSERT OR REPLACE INTO item_counts (cache, state, n)"
@@ -292,10 +312,41 @@ class Queue:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def seen_spool_file(self, name: str) -> bool:
-        """True if an event file of this name was already recorded."""
-        row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (name,)).fetchone()
+    def seen_spool_file(self, name: str, digest: str | None = None) -> bool:
+        """True if an event file of this name was recorded (with this content digest, when
+        one is given: a file of the same name and other content is another event)."""
+        if digest is None:
+            row = self.conn.execute("SELECT 1 FROM events WHERE spool_name = ?", (name,)).fetchone()
+        else:
+            row = self.conn.execute(
+                "SELECT 1 FROM events WHERE spool_name IN (?, ?) AND spool_digest = ?",
+                (name, spool_key(name, digest), digest),
+            ).fetchone()
         return row is not None
+
+    def hook_files(self) -> dict[str, tuple[int, int, int]]:
+        """Every consumed hook file: name → (inode, mtime_ns, size)."""
+        rows = self.conn.execute("SELECT name, inode, mtime_ns, size FROM hook_files")
+        return {name: (inode, mtime_ns, size) for name, inode, mtime_ns, size in rows}
+
+    def record_hook_file(self, name: str, identity: tuple[int, int, int], now: float) -> None:
+        """Remember a hook file as consumed (call inside transaction() with its event)."""
+        inode, mtime_ns, size = identity
+        self.conn.execute(
+            "INSERT INTO hook_files (name, inode, mtime_ns, size, consumed_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET inode = excluded.inode,"
+            " mtime_ns = excluded.mtime_ns, size = excluded.size,"
+            " consumed_at = excluded.consumed_at",
+            (name, inode, mtime_ns, size, now),
+        )
+
+    def forget_hook_files(self, names: Iterable[str]) -> int:
+        """Drop the records of hook files that are gone (aged out); return how many."""
+        with self.transaction():
+            cur = self.conn.executemany(
+                "DELETE FROM hook_files WHERE name = ?", ((name,) for name in names)
+            )
+            return cur.rowcount
 
     def record_event(
         self,
@@ -305,18 +356,31 @@ class Queue:
         outcome: str,
         targets: Sequence[tuple[str, str]],
         now: float,
+        spool_digest: str | None = None,
     ) -> dict[str, int] | None:
         """Record an event and enqueue its targets (call inside transaction()).
 
         Returns the number of newly queued paths per cache, or None when this spool file
-        was recorded before (a re-read after a crash between commit and unlink).
+        was recorded before (a re-read after a crash between commit and unlink). With a
+        digest, only the same name *and* content is a duplicate: a file of a name already
+        recorded with other content is recorded as `NAME sha256:DIGEST`.
         """
+        if spool_name is not None and spool_digest is not None:
+            if self.seen_spool_file(spool_name, spool_digest):
+                return None
+            taken = self.conn.execute(
+                "SELECT 1 FROM events WHERE spool_name = ?", (spool_name,)
+            ).fetchone()
+            if taken is not None:
+                spool_name = spool_key(spool_name, spool_digest)
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO events (spool_name, source, received_at, recorded_at, build_id,"
-            " project, jobset, job, build_status, drv_path, finished_at, outcome, targets)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO events (spool_name, spool_digest, source, received_at,"
+            " recorded_at, build_id, project, jobset, job, build_status, drv_path, finished_at,"
+            " outcome, targets)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 spool_name,
+                spool_digest,
                 event.source,
                 event.received_at,
                 now,

@@ -101,7 +101,8 @@ def render_config(config: Config) -> str:
         lines.append(f"{key} = {_toml_value(value)}")
     lines += ["", "[spool]"]
     for key, value in vars(config.spool).items():
-        lines.append(f"{key} = {_toml_value(value)}")
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
     lines += ["", "[metrics]"]
     for key, value in vars(config.metrics).items():
         if value is not None:

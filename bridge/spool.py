@@ -7,17 +7,23 @@ import errno
 import hashlib
 import json
 import os
+import pwd
 import stat
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.events import EventRejected
+
+if TYPE_CHECKING:
+    from bridge.config import Config
 
 INCOMING = "incoming"
 TMP = "tmp"
 QUARANTINE = "quarantine"
+HOOK = "hook"
 
 
 class SpoolUnavailable(Exception):
@@ -26,9 +32,16 @@ class SpoolUnavailable(Exception):
 
 @dataclass(frozen=True)
 class SpoolLayout:
-    """The three directories under the spool root."""
+    """The three directories under the spool root, and the hook's own directory."""
 
     root: Path
+    # None: <root>/hook. Only the hook's user (root under nix-daemon) may write there.
+    hook_dir: Path | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> SpoolLayout:
+        """The layout a config names (spool_dir and [spool] hook_dir)."""
+        return cls(config.spool_dir, config.hook_dir)
 
     @property
     def incoming(self) -> Path:
@@ -46,23 +59,60 @@ class SpoolLayout:
         return self.root / QUARANTINE
 
     @property
+    def hook(self) -> Path:
+        """The post-build-hook's channel: writable by the hook's user alone, read by the
+        daemon, which never deletes there (tmpfiles ages the files out)."""
+        return self.hook_dir or self.root / HOOK
+
+    @property
     def directories(self) -> tuple[Path, Path, Path, Path]:
         """The root and its three subdirectories, parents first."""
         return (self.root, self.incoming, self.tmp, self.quarantine)
 
     def ensure(self, group_writable: bool = False) -> None:
-        """Create the directories (daemon side) with restrictive modes."""
+        """Create or fix the directories this process owns (daemon side).
+
+        Directories owned by someone else (a root-owned spool root and hook directory made
+        by `init` or tmpfiles) are left as they are; a shared spool root that is
+        group- or world-writable without the sticky bit is refused.
+        """
         mode = spool_mode(group_writable)
+        me = os.geteuid()
         for directory in self.directories:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(directory)
+            current = stat.S_IMODE(info.st_mode)
+            if directory == self.root and _loose(current):
+                if info.st_uid != me:
+                    raise PermissionError(
+                        errno.EPERM,
+                        "writable by group or others without the sticky bit",
+                        str(directory),
+                    )
+                os.chmod(directory, mode)
+                continue
+            if info.st_uid != me or current == mode:
+                continue
+            if directory == self.root and group_writable and current & 0o010:
+                continue  # a root made by init (0755): producers pass through it
             # Only change what differs: under systemd's RestrictSUIDSGID= any chmod that
             # names the setgid bit fails, so directories made by tmpfiles are left alone.
-            if stat.S_IMODE(os.stat(directory).st_mode) != mode:
-                os.chmod(directory, mode)
+            os.chmod(directory, mode)
+        if not group_writable:
+            # One user does everything (the embedded defaults): the hook is this user too.
+            self.hook.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(self.hook)
+            if info.st_uid == me and stat.S_IMODE(info.st_mode) != 0o700:
+                os.chmod(self.hook, 0o700)
 
     def is_alive(self) -> bool:
         """True while the incoming directory exists."""
         return self.incoming.is_dir()
+
+
+def _loose(mode: int) -> bool:
+    """Writable by group or others without the sticky bit: anyone there may swap entries."""
+    return bool(mode & 0o022) and not mode & stat.S_ISVTX
 
 
 def spool_mode(group_writable: bool) -> int:
@@ -70,6 +120,62 @@ def spool_mode(group_writable: bool) -> int:
     # Group-writable spools are setgid (files keep the group) and sticky (producers
     # cannot remove or replace each other's files; the owning daemon still can).
     return 0o3770 if group_writable else 0o700
+
+
+HOOK_DIR_MODE = 0o2750
+"""The hook directory of a shared spool: root writes, the producers' group (the daemon) reads."""
+
+
+def unsafe_directory(path: Path, trusted: Collection[int], *, ancestor: bool = False) -> str | None:
+    """Why someone outside `trusted` (uids) could redirect writes into path, or None.
+
+    Every component from / down must be a directory owned by a trusted uid; an ancestor
+    others may write needs the sticky bit (then they cannot move its trusted child), and
+    the directory itself must not be writable by group or others at all (unless it is only
+    an ancestor of what will be checked, then the sticky bit is enough). Symbolic links on
+    the way are checked, then followed.
+    """
+    normal = Path(os.path.normpath(Path(path).absolute()))
+    return _unsafe(normal, frozenset(trusted), 0, ancestor)
+
+
+def _unsafe(path: Path, trusted: frozenset[int], depth: int, ancestor: bool) -> str | None:
+    if depth > 16:
+        return f"{path}: too many symbolic links"
+    current = Path(path.anchor)
+    parts = path.parts[1:]
+    for index in range(len(parts) + 1):
+        if index:
+            current = current / parts[index - 1]
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return f"{current} is missing"
+        except OSError as exc:
+            return f"{current}: {exc.strerror}"
+        last = index == len(parts)
+        if info.st_uid not in trusted:
+            return f"{current} is owned by {_user(info.st_uid)}"
+        if stat.S_ISLNK(info.st_mode):
+            # The link is trusted (its owner, and its parent checked above): check its target.
+            target = Path(os.path.normpath(current.parent / os.readlink(current)))
+            return _unsafe(target.joinpath(*parts[index:]), trusted, depth + 1, ancestor)
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{current} is not a directory"
+        mode = stat.S_IMODE(info.st_mode)
+        if last and not ancestor and mode & 0o022:
+            who = " and ".join(w for b, w in ((0o020, "group"), (0o002, "others")) if mode & b)
+            return f"{current} is writable by {who}"
+        if _loose(mode):
+            return f"{current} is writable by group or others without the sticky bit"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def event_file_name(kind: str) -> str:
@@ -112,6 +218,45 @@ def write_event(
     return target
 
 
+def write_hook_event(layout: SpoolLayout, document: Any, max_bytes: int | None = None) -> Path:
+    """Write one hook event into the hook directory (what the sh hook does, from Python).
+
+    The directory and every one above it must be writable by this user and root alone;
+    the file is created exclusively, never through a link, and ends with the newline that
+    tells the daemon it is complete. Raises SpoolUnavailable or EventRejected("too_large").
+    """
+    data = json.dumps(document, separators=(",", ":")).encode("ascii") + b"\n"
+    if max_bytes is not None and len(data) > max_bytes:
+        raise EventRejected("too_large", f"event would be {len(data)} bytes, limit {max_bytes}")
+    problem = unsafe_directory(layout.hook, {0, os.geteuid()})
+    if problem is not None:
+        raise SpoolUnavailable(f"hook directory {layout.hook} is not safe to write: {problem}")
+    name = event_file_name("hook")
+    try:
+        dir_fd = os.open(layout.hook, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SpoolUnavailable(f"cannot open {layout.hook}: {_describe(exc)}") from None
+    try:
+        fd = os.open(
+            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640, dir_fd=dir_fd
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            os.unlink(name, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise SpoolUnavailable(f"cannot write event to {layout.hook}: {_describe(exc)}") from None
+    finally:
+        os.close(dir_fd)
+    return layout.hook / name
+
+
 def _describe(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "no space left on device"
@@ -139,6 +284,9 @@ class EventFile:
     path: Path
     data: bytes
     mtime: float
+    # The file's identity: a hook file is never deleted by the daemon, so it remembers these.
+    inode: int = 0
+    mtime_ns: int = 0
 
 
 def read_event_file(path: Path, max_bytes: int) -> EventFile:
@@ -176,7 +324,13 @@ def read_event_file(path: Path, max_bytes: int) -> EventFile:
             if size > max_bytes:
                 raise EventRejected("too_large", f"event file grew beyond {max_bytes} bytes")
             chunks.append(chunk)
-        return EventFile(path=path, data=b"".join(chunks), mtime=info.st_mtime)
+        return EventFile(
+            path=path,
+            data=b"".join(chunks),
+            mtime=info.st_mtime,
+            inode=info.st_ino,
+            mtime_ns=info.st_mtime_ns,
+        )
     finally:
         os.close(fd)
 

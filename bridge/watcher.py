@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+from collections.abc import Sequence
 from pathlib import Path
 
 from watchdog.events import (
@@ -36,32 +37,47 @@ class _Handler(FileSystemEventHandler):
 
 
 class SpoolWatcher:
-    """An inotify watch on incoming/; restartable when the directory is replaced."""
+    """An inotify watch on incoming/ (and the hook directory); restartable when one of them
+    is replaced or a watched-for directory appears."""
 
-    def __init__(self, directory: Path, sink: queue.SimpleQueue[Notification | None]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        sink: queue.SimpleQueue[Notification | None],
+        also: Sequence[Path] = (),
+    ) -> None:
         self.directory = directory
+        self.also = tuple(also)
         self.sink = sink
         self.observer: BaseObserver | None = None
         self.watched: tuple[int, int] | None = None
+        self.watched_also: dict[Path, tuple[int, int] | None] = {}
 
     def start(self) -> None:
         """Start watching (before the initial scan, so nothing falls between the two)."""
         observer = Observer()
-        observer.schedule(_Handler(self.sink), str(self.directory), recursive=False)
-        observer.start()
+        handler = _Handler(self.sink)
+        observer.schedule(handler, str(self.directory), recursive=False)
         info = os.stat(self.directory)
+        watched_also: dict[Path, tuple[int, int] | None] = {}
+        for extra in self.also:
+            identity = _identity(extra)
+            if identity is not None:
+                observer.schedule(handler, str(extra), recursive=False)
+            watched_also[extra] = identity
+        observer.start()
         self.watched = (info.st_dev, info.st_ino)
+        self.watched_also = watched_also
         self.observer = observer
 
     def alive(self) -> bool:
-        """True while the observer runs and the watched directory is still the same one."""
+        """True while the observer runs and the watched directories are still the same ones
+        (a directory that was missing at start and exists now counts as a change)."""
         if self.observer is None or not self.observer.is_alive() or self.watched is None:
             return False
-        try:
-            info = os.stat(self.directory)
-        except OSError:
+        if _identity(self.directory) != self.watched:
             return False
-        return (info.st_dev, info.st_ino) == self.watched
+        return all(_identity(extra) == known for extra, known in self.watched_also.items())
 
     def stop(self) -> None:
         """Stop the observer thread."""
@@ -69,3 +85,11 @@ class SpoolWatcher:
             self.observer.stop()
             self.observer.join(timeout=5)
             self.observer = None
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)

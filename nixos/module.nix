@@ -92,6 +92,12 @@ let
   trimSlash = dir: if dir != "/" then lib.removeSuffix "/" dir else dir;
   spool = trimSlash cfg.settings.spool_dir;
   stateDir = trimSlash cfg.settings.state_dir;
+  # The post-build-hook's own directory: root's, read by the daemon through the group.
+  hookDir =
+    if cfg.settings.spool.hook_dir != null then
+      trimSlash cfg.settings.spool.hook_dir
+    else
+      "${spool}/hook";
   # systemd creates and owns /var/lib/<name> through StateDirectory=; elsewhere tmpfiles does.
   stateUnderVarLib = lib.hasPrefix "/var/lib/" stateDir;
 
@@ -146,10 +152,25 @@ in
 
     group = mkOption {
       type = types.str;
-      default = "hydra";
+      default = "hydra-cachix-bridge-producers";
       description = ''
-        Group shared by the daemon, Hydra's RunCommand (hydra-queue-runner) and the
-        post-build-hook (root): it may write the spool.
+        The producers' group: only the daemon and Hydra's RunCommand user
+        (hydra-queue-runner, added by `hydra.enable`) belong to it. Its members may write
+        event files into the spool; they are not trusted beyond that (hook events count
+        only from the root-owned hook directory). Not Hydra's `hydra` group, which also
+        holds the web frontend and the evaluator.
+      '';
+    };
+
+    hookRetention = mkOption {
+      type = types.strMatching "[0-9]+(us|ms|s|m|min|h|d|w)?";
+      default = "7d";
+      example = "30d";
+      description = ''
+        How long systemd-tmpfiles keeps the hook's event files (the tmpfiles age of the
+        root-owned hook directory; the daemon cannot delete there). A file the daemon has
+        not read by then is lost with the build's event: keep it well above the longest
+        time the daemon may be down.
       '';
     };
 
@@ -243,6 +264,14 @@ in
                   1024 * 1024 * 1024
                 )) (1024 * 1024) "Larger event files are quarantined.";
                 rescan_seconds = setting (atLeast 0.1) 30.0 "Periodic rescan of the spool.";
+                hook_dir = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = ''
+                    The post-build-hook's directory (default: `<spool_dir>/hook`). Every
+                    directory above it must be root's and not writable by others.
+                  '';
+                };
               };
             };
           };
@@ -327,6 +356,14 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
+        assertion = !(lib.hasPrefix "${stateDir}/" "${hookDir}/");
+        message = ''
+          services.hydra-cachix-bridge: the hook directory ${hookDir} lies inside state_dir
+          ${stateDir}, which the daemon's user owns: it could redirect the root-run
+          post-build-hook. Put settings.spool_dir (or settings.spool.hook_dir) elsewhere.
+        '';
+      }
+      {
         assertion = cfg.settings.caches != { };
         message = "services.hydra-cachix-bridge.settings.caches must define at least one cache.";
       }
@@ -356,13 +393,19 @@ in
     };
     users.groups.${cfg.group} = { };
 
-    systemd.tmpfiles.rules =
-      map (dir: "d ${dir} 3770 ${cfg.user} ${cfg.group} - -") [
-        spool
-        "${spool}/incoming"
-        "${spool}/tmp"
-        "${spool}/quarantine"
-      ]
+    # The spool root and the hook directory are root's, so that no producer and not the
+    # daemon can rename or replace what the root-run hook writes into; the producers'
+    # directories are the daemon's and the group's (setgid, sticky). tmpfiles ages the
+    # hook's files out (the daemon only reads them) and fixes modes of existing ones.
+    systemd.tmpfiles.rules = [
+      "d ${spool} 0755 root root - -"
+    ]
+    ++ map (dir: "d ${dir} 3770 ${cfg.user} ${cfg.group} - -") [
+      "${spool}/incoming"
+      "${spool}/tmp"
+      "${spool}/quarantine"
+    ]
+    ++ [ "d ${hookDir} 2750 root ${cfg.group} ${cfg.hookRetention} -" ]
       ++ lib.optional (!stateUnderVarLib) "d ${stateDir} 0700 ${cfg.user} ${cfg.group} - -"
       ++ map (dir: "d ${dir} 0750 ${cfg.user} ${cfg.group} - -") fileCacheDirs;
 

@@ -143,7 +143,9 @@ def test_enqueue_hook_always_exits_zero(tmp_path: Path, write_config: Callable[.
     layout = ready_spool(config)
     done = run("enqueue-hook", "--config", str(config), env=env)
     assert done.returncode == 0 and done.stderr == ""
-    (event,) = list(layout.incoming.iterdir())
+    # Into the hook's own directory: only there do hook events count.
+    (event,) = list(layout.hook.iterdir())
+    assert event.read_bytes().endswith(b"\n")  # complete
     doc = json.loads(event.read_text())
     assert (doc["kind"], doc["drv_path"], doc["out_paths"]) == ("hook", DRV, OUT)
 
@@ -306,7 +308,7 @@ def test_hook_script_is_bound_to_configured_spool(write_config: Callable[..., Pa
     done = run("hook-script", "--config", str(config))
     assert done.returncode == 0
     assert done.stdout.startswith("#!/bin/sh\n")
-    assert "spool='/srv/my spool'" in done.stdout
+    assert "dir='/srv/my spool/hook'" in done.stdout
     assert done.stdout.rstrip().endswith("exit 0")
 
 

@@ -67,7 +67,7 @@ def test_contrib_unit_is_a_notify_service_with_watchdog_and_the_reference_harden
         "CapabilityBoundingSet=\n",
         "SystemCallFilter=@system-service",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-        "Group=hydra",
+        "Group=hydra-cachix-bridge-producers\n",
         "LimitNOFILE=16384\n",
         "TasksMax=4096\n",
         "MemoryMax=8G\n",
@@ -77,19 +77,44 @@ def test_contrib_unit_is_a_notify_service_with_watchdog_and_the_reference_harden
     assert "MemoryDenyWriteExecute=yes" not in text
 
 
-def test_tmpfiles_create_every_spool_directory_with_the_daemons_group_mode() -> None:
-    rules = (ROOT / "contrib" / "systemd" / "hydra-cachix-bridge.tmpfiles.conf").read_text()
-    module = (ROOT / "nixos" / "module.nix").read_text()
-    for sub in ("", "/incoming", "/tmp", "/quarantine"):
-        assert re.search(rf"^d /var/spool/hydra-cachix-bridge{sub}\s+3770 ", rules, re.M), sub
-        assert f'"${{spool}}{sub}"' in module or (sub == "" and "spool\n" in module)
-    from bridge.spool import SpoolLayout
+def test_tmpfiles_make_the_spool_as_init_does() -> None:
+    """The contrib tmpfiles rules and `init --group` give the same owners and modes: the
+    spool root and the hook directory root's, the producers' directories the daemon's."""
+    from bridge.config import parse_config
+    from bridge.init import wanted_directories
 
-    assert {"incoming", "tmp", "quarantine"} == {
-        p.name
-        for p in (
-            SpoolLayout(Path("/s")).incoming,
-            SpoolLayout(Path("/s")).tmp,
-            SpoolLayout(Path("/s")).quarantine,
-        )
-    }
+    rules = (ROOT / "contrib" / "systemd" / "hydra-cachix-bridge.tmpfiles.conf").read_text()
+    made = {}
+    for line in rules.splitlines():
+        if line.startswith("d /var/spool/"):
+            _, path, mode, user, group, *age = line.split()
+            made[path] = (int(mode, 8), user, group, age)
+    config = parse_config(
+        {
+            "spool_dir": "/var/spool/hydra-cachix-bridge",
+            "spool": {"group_writable": True},
+            "caches": {"c": {"backend": "cachix"}},
+        },
+        "<test>",
+    )
+    daemon, group = "hydra-cachix-bridge", "hydra-cachix-bridge-producers"
+    wanted = [w for w in wanted_directories(config) if str(w.path).startswith("/var/spool/")]
+    assert {str(w.path) for w in wanted} == set(made)
+    for entry in wanted:
+        mode, user, owner_group, age = made[str(entry.path)]
+        assert mode == entry.mode, entry
+        assert user == ("root" if entry.root_owned else daemon), entry
+        if entry.path == config.hook_dir:
+            assert owner_group == group and age == ["7d"]  # aged out: the daemon cannot delete
+        elif entry.root_owned:
+            assert owner_group == "root" and mode & 0o022 == 0
+        else:
+            assert owner_group == group and mode == 0o3770
+    module = (ROOT / "nixos" / "module.nix").read_text()
+    assert '"d ${spool} 0755 root root - -"' in module
+    assert '"d ${hookDir} 2750 root ${cfg.group} ${cfg.hookRetention} -"' in module
+    sysusers = (ROOT / "contrib" / "systemd" / "hydra-cachix-bridge.sysusers.conf").read_text()
+    assert f"g {group} -" in sysusers and f"-:{group} " in sysusers
+    assert "u hydra-cachix-bridge -:hydra " not in sysusers
+
+

@@ -291,10 +291,13 @@ def payloads(draw: st.DrawFn) -> bytes:
             doc.pop(key, None)
         elif action == "set":
             doc[key] = draw(JSON_VALUES)
-        elif isinstance(doc.get("outputs"), list) and doc["outputs"]:
-            # An earlier "set" may have made outputs a list of anything: mangle dicts only.
-            if isinstance(doc["outputs"][0], dict):
-                doc["outputs"][0][draw(st.sampled_from(["name", "path", "x"]))] = draw(JSON_VALUES)
+        elif (
+            isinstance(doc.get("outputs"), list)
+            and doc["outputs"]
+            # An earlier "set" may have made outputs a list of anything: mangle objects only.
+            and isinstance(doc["outputs"][0], dict)
+        ):
+            doc["outputs"][0][draw(st.sampled_from(["name", "path", "x"]))] = draw(JSON_VALUES)
     text = json.dumps(doc)
     mangle = draw(st.sampled_from(["none", "none", "cut", "nan", "deep", "bytes", "ws"]))
     if mangle == "cut":

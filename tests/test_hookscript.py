@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -54,7 +56,9 @@ def run_hook(hook: Path, cwd: Path, *, via_sh: bool = True, **env: str | bytes |
 
 
 def incoming_files(layout: SpoolLayout) -> list[Path]:
-    return sorted(layout.incoming.iterdir())
+    """The hook's event files: in its own directory (incoming/ is for the other producers)."""
+    assert list(layout.incoming.iterdir()) == [] if layout.incoming.is_dir() else True
+    return sorted(layout.hook.iterdir())
 
 
 def parse_file(path: Path) -> Event:
@@ -77,8 +81,8 @@ class TestRender:
     def test_script_is_posix_sh_bound_to_the_spool(self, layout: SpoolLayout) -> None:
         script = render_hook_script(layout)
         assert script.startswith("#!/bin/sh\n")
-        assert f"spool={layout.root}\n" in script
-        assert "__SPOOL__" not in script
+        assert f"dir={layout.hook}\n" in script
+        assert "__HOOKDIR__" not in script
         assert script.rstrip().endswith("exit 0")
 
     def test_script_passes_sh_syntax_check(self, tmp_path: Path, layout: SpoolLayout) -> None:
@@ -88,14 +92,26 @@ class TestRender:
 
     def test_spool_path_is_shell_quoted(self, tmp_path: Path) -> None:
         script = render_hook_script(SpoolLayout(tmp_path / "a b'c$(x)"))
-        line = next(x for x in script.splitlines() if x.startswith("spool="))
+        line = next(x for x in script.splitlines() if x.startswith("dir="))
         done = subprocess.run(
-            ["/bin/sh", "-c", line + '\nprintf %s "$spool"'],
+            ["/bin/sh", "-c", line + '\nprintf %s "$dir"'],
             capture_output=True,
             text=True,
             check=True,
         )
-        assert done.stdout == str(tmp_path / "a b'c$(x)")
+        assert done.stdout == str(tmp_path / "a b'c$(x)" / "hook")
+
+    def test_configured_hook_directory(self, tmp_path: Path) -> None:
+        script = render_hook_script(SpoolLayout(tmp_path / "s", tmp_path / "elsewhere"))
+        assert f"dir={tmp_path / 'elsewhere'}\n" in script
+
+    def test_no_fork_on_the_normal_path(self) -> None:
+        """Between the start and `exit 0` of a plain event only shell builtins run."""
+        script = render_hook_script(SpoolLayout(Path("/s")))
+        normal = script[script.index("umask 027") : script.index("    exit 0")]
+        normal = "\n".join(x for x in normal.splitlines() if not x.lstrip().startswith("#"))
+        for external in ("mv ", "mkdir", "mktemp", "cat ", "$(", "`"):
+            assert external not in normal, external
 
 
 class TestNormalEvents:
@@ -111,8 +127,8 @@ class TestNormalEvents:
         assert event == Event(
             source="hook", received_at=FALLBACK, out_paths=(OUT, DEV), drv_path=DRV
         )
-        # Nothing is left behind in the hook's private tmp directory.
-        assert list((layout.root / "hook-tmp").iterdir()) == []
+        # Complete: the daemon takes a hook file once its final newline is there.
+        assert path.read_bytes().endswith(b"}\n")
 
     def test_run_directly_as_executable(
         self, hook: Path, layout: SpoolLayout, tmp_path: Path
@@ -182,24 +198,21 @@ class TestSpoolProblems:
         assert DRV in run.stderr
         assert not layout.root.exists()
 
-    def test_incoming_is_a_regular_file(
+    def test_hook_directory_missing(self, hook: Path, layout: SpoolLayout, tmp_path: Path) -> None:
+        layout.hook.rmdir()
+        run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
+        assert run.returncode == 0
+        assert "could not record" in run.stderr and "not a directory of the hook's" in run.stderr
+        assert not layout.hook.exists()  # the hook never makes it: root's init does
+
+    def test_hook_directory_is_a_regular_file(
         self, hook: Path, layout: SpoolLayout, tmp_path: Path
     ) -> None:
-        layout.incoming.rmdir()
-        layout.incoming.write_text("not a directory")
+        layout.hook.rmdir()
+        layout.hook.write_text("not a directory")
         run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
-        assert run.returncode == 0
-        assert "could not record" in run.stderr
-        assert layout.incoming.read_text() == "not a directory"
-        assert list((layout.root / "hook-tmp").iterdir()) == []
-
-    def test_incoming_removed(self, hook: Path, layout: SpoolLayout, tmp_path: Path) -> None:
-        layout.incoming.rmdir()
-        run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
-        assert run.returncode == 0
-        assert "could not record" in run.stderr
-        assert not layout.incoming.exists()
-        assert list((layout.root / "hook-tmp").iterdir()) == []
+        assert run.returncode == 0 and "could not record" in run.stderr
+        assert layout.hook.read_text() == "not a directory"
 
     def test_spool_root_is_a_file(self, tmp_path: Path) -> None:
         layout = SpoolLayout(tmp_path / "spool-file")
@@ -210,35 +223,83 @@ class TestSpoolProblems:
         assert "could not record" in run.stderr
         assert layout.root.read_text() == "x"
 
-    def test_planted_symlink_as_hook_tmp_is_not_followed(
+    def test_symlink_as_hook_directory_is_not_followed(
         self, hook: Path, layout: SpoolLayout, tmp_path: Path
     ) -> None:
         elsewhere = tmp_path / "attacker"
         elsewhere.mkdir()
-        (layout.root / "hook-tmp").symlink_to(elsewhere)
+        layout.hook.rmdir()
+        layout.hook.symlink_to(elsewhere)
         run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
         assert run.returncode == 0
         assert "could not record" in run.stderr
         assert list(elsewhere.iterdir()) == []
-        assert incoming_files(layout) == []
 
-    def test_hook_tmp_owned_by_someone_else_is_not_used(
+    def test_hook_directory_owned_by_someone_else_is_not_used(
         self, hook: Path, layout: SpoolLayout, tmp_path: Path
     ) -> None:
-        other = layout.root / "hook-tmp"
-        other.mkdir(mode=0o777)
-        os.chown(other, 65534, 65534)
+        os.chown(layout.hook, 65534, 65534)
         run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
         assert run.returncode == 0
         assert "could not record" in run.stderr
-        assert list(other.iterdir()) == []
-        assert incoming_files(layout) == []
+        assert list(layout.hook.iterdir()) == []
 
-    def test_hook_tmp_is_private(self, hook: Path, layout: SpoolLayout, tmp_path: Path) -> None:
+    def test_incoming_is_not_touched(self, hook: Path, layout: SpoolLayout, tmp_path: Path) -> None:
+        layout.incoming.rmdir()
+        layout.incoming.write_text("not a directory")
+        run = run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
+        assert run.returncode == 0 and run.stderr == ""
+        assert layout.incoming.read_text() == "not a directory"
+        assert len(list(layout.hook.iterdir())) == 1
+
+    def test_a_failed_write_leaves_nothing_and_exits_zero(
+        self, hook: Path, layout: SpoolLayout, tmp_path: Path
+    ) -> None:
+        """A full disk (here: a file size limit) gives a partial line: the hook removes it."""
+
+        def limit() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))
+
+        for shell in ("dash", "bash"):
+            done = subprocess.run(
+                [shell, str(hook)],
+                env={"PATH": os.environ["PATH"], "DRV_PATH": DRV, "OUT_PATHS": OUT},
+                preexec_fn=limit,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, shell
+            assert "could not record" in done.stderr and "not writable or full" in done.stderr
+            assert list(layout.hook.iterdir()) == [], shell
+
+    def test_files_are_not_readable_by_others(
+        self, hook: Path, layout: SpoolLayout, tmp_path: Path
+    ) -> None:
         run_hook(hook, tmp_path, DRV_PATH=DRV, OUT_PATHS=OUT)
-        private = layout.root / "hook-tmp"
-        assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700
-        assert os.lstat(private).st_uid == os.getuid()
+        [path] = incoming_files(layout)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+
+
+class TestConcurrentHooks:
+    def test_many_hooks_at_once_each_record_one_complete_event(
+        self, hook: Path, layout: SpoolLayout, tmp_path: Path
+    ) -> None:
+        """Nix >= 2.35 runs hooks in parallel (up to max-jobs): 200 at once, 20 deep."""
+        drvs = [f"/nix/store/{HASH_A[:-3]}{i:03d}-pkg{i}.drv" for i in range(200)]
+        procs = []
+        for index, drv in enumerate(drvs):
+            env = {"PATH": os.environ["PATH"], "DRV_PATH": drv, "OUT_PATHS": OUT}
+            procs.append(subprocess.Popen(["/bin/sh", str(hook)], env=env, cwd=tmp_path))
+            if index % 20 == 19:
+                assert all(p.wait(timeout=60) == 0 for p in procs)
+                procs = []
+        assert all(p.wait(timeout=60) == 0 for p in procs)
+        files = incoming_files(layout)
+        assert all(p.read_bytes().endswith(b"\n") for p in files)
+        assert sorted(parse_file(p).drv_path or "" for p in files) == sorted(drvs)
 
 
 HOSTILE = [

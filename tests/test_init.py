@@ -18,6 +18,7 @@ from tests.asuser import NOBODY, run_as
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="init's ownership tests need root")
 
 SUBDIRS = ("", "incoming", "tmp", "quarantine")
+SHARED_SUBDIRS = ("incoming", "tmp", "quarantine")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,24 +54,32 @@ def test_shared_spool_as_the_tmpfiles_rules_make_it(shared_tmp: Path) -> None:
     done = run("init", "--config", str(config), "--user", "nobody", "--group", "nogroup")
     assert done.returncode == 0, done.stderr
     spool, state = shared_tmp / "var/spool/hcb", shared_tmp / "var/lib/hcb"
-    assert done.stdout.splitlines() == [f"created {state} (nobody:nogroup 0700)"] + [
-        f"created {spool / sub} (nobody:nogroup 3770)" for sub in SUBDIRS
+    # The spool root and the hook directory are root's: nobody else, the daemon included,
+    # can rename or replace what the root-run hook writes into.
+    assert done.stdout.splitlines() == [
+        f"created {state} (nobody:nogroup 0700)",
+        f"created {spool} (root:root 0755)",
+        *[f"created {spool / sub} (nobody:nogroup 3770)" for sub in SHARED_SUBDIRS],
+        f"created {spool / 'hook'} (root:nogroup 2750)",
     ]
     assert owner_mode(state) == (NOBODY, NOBODY, 0o700)
-    for sub in SUBDIRS:
+    assert owner_mode(spool) == (0, 0, 0o755)
+    for sub in SHARED_SUBDIRS:
         assert owner_mode(spool / sub) == (NOBODY, NOBODY, 0o3770), sub
+    assert owner_mode(spool / "hook") == (0, NOBODY, 0o2750)
+    assert SpoolLayout(spool).hook == spool / "hook"
     # Parents that did not exist are ordinary root directories.
     assert owner_mode(shared_tmp / "var/spool") == (0, 0, 0o755)
     # Run again: nothing to do, nothing changed.
     again = run("init", "--config", str(config), "--user", "nobody", "--group", "nogroup")
     assert again.returncode == 0, again.stderr
     assert all(line.startswith("ok ") for line in again.stdout.splitlines()), again.stdout
-    assert len(again.stdout.splitlines()) == 5
+    assert len(again.stdout.splitlines()) == 6
     assert owner_mode(spool / "incoming") == (NOBODY, NOBODY, 0o3770)
     # The daemon's own ensure() finds nothing to change (it may not chmod under systemd).
-    before = [owner_mode(spool / sub) for sub in SUBDIRS]
+    before = [owner_mode(spool / sub) for sub in (*SUBDIRS, "hook")]
     SpoolLayout(spool).ensure(group_writable=True)
-    assert [owner_mode(spool / sub) for sub in SUBDIRS] == before
+    assert [owner_mode(spool / sub) for sub in (*SUBDIRS, "hook")] == before
 
 
 def test_repairs_what_differs(shared_tmp: Path) -> None:
@@ -111,7 +120,7 @@ def test_private_spool_without_a_group(shared_tmp: Path) -> None:
     config = write(shared_tmp, shared=False)
     done = run("init", "--config", str(config))
     assert done.returncode == 0, done.stderr
-    for sub in SUBDIRS:
+    for sub in (*SUBDIRS, "hook"):
         assert owner_mode(shared_tmp / "var/spool/hcb" / sub) == (0, 0, 0o700)
     assert owner_mode(shared_tmp / "var/lib/hcb") == (0, 0, 0o700)
 
@@ -125,10 +134,37 @@ def test_shared_spool_inside_the_state_directory(shared_tmp: Path) -> None:
     assert owner_mode(state) == (0, NOBODY, 0o710)
     assert owner_mode(state / "spool" / "incoming") == (0, NOBODY, 0o3770)
     loaded = load_config(config)
-    assert [path for path, _ in wanted_directories(loaded)] == [
+    assert [wanted.path for wanted in wanted_directories(loaded)] == [
         state,
         *SpoolLayout(state / "spool").directories,
+        state / "spool" / "hook",
     ]
+
+
+def test_refuses_a_hook_directory_below_the_daemons_state(shared_tmp: Path) -> None:
+    """A daemon-owned directory above the hook's would let the daemon redirect root."""
+    config = write(shared_tmp, spool=False)
+    done = run("init", "--config", str(config), "--user", "nobody", "--group", "nogroup")
+    assert done.returncode == 1
+    assert "would not be root's alone" in done.stderr
+    assert "belongs to nobody" in done.stderr and "outside the state directory" in done.stderr
+    assert not (shared_tmp / "var").exists()
+    # A hook directory of its own, outside the state directory, is fine.
+    text = config.read_text().replace(
+        "[spool]\n", f'[spool]\nhook_dir = "{shared_tmp}/var/spool/hcb-hook"\n'
+    )
+    config.write_text(text)
+    done = run("init", "--config", str(config), "--user", "nobody", "--group", "nogroup")
+    assert done.returncode == 0, done.stderr
+    assert owner_mode(shared_tmp / "var/spool/hcb-hook") == (0, NOBODY, 0o2750)
+
+
+def test_refuses_a_shared_spool_under_a_directory_others_may_write(shared_tmp: Path) -> None:
+    os.chmod(shared_tmp, 0o777)  # no sticky bit: anyone could swap the spool
+    config = write(shared_tmp)
+    done = run("init", "--config", str(config), "--group", "nogroup")
+    assert done.returncode == 1
+    assert "without the sticky bit" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -195,8 +231,26 @@ def test_hook_script_warns_until_the_spool_exists(shared_tmp: Path) -> None:
     config = write(shared_tmp)
     done = run("hook-script", "--config", str(config))
     assert done.returncode == 0 and done.stdout.startswith("#!/bin/sh\n")
-    assert f"warning: the spool {shared_tmp}/var/spool/hcb does not exist yet" in done.stderr
+    assert f"warning: the spool {shared_tmp}/var/spool/hcb or its hook directory" in done.stderr
     assert "hydra-cachix-bridge init" in done.stderr
+    assert run("init", "--config", str(config), "--group", "nogroup").returncode == 0
+    done = run("hook-script", "--config", str(config))
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_hook_script_as_root_refuses_a_hook_directory_the_daemon_could_swap(
+    shared_tmp: Path,
+) -> None:
+    """Today's layout before init repairs it: the spool root belongs to the daemon."""
+    config = write(shared_tmp)
+    spool = shared_tmp / "var/spool/hcb"
+    SpoolLayout(spool).ensure(group_writable=True)
+    (spool / "hook").mkdir(mode=0o750)
+    os.chown(spool, NOBODY, NOBODY)
+    done = run("hook-script", "--config", str(config))
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"{spool} is owned by nobody" in done.stderr
+    assert "Another user could redirect the hook's writes" in done.stderr
     assert run("init", "--config", str(config), "--group", "nogroup").returncode == 0
     done = run("hook-script", "--config", str(config))
     assert done.returncode == 0 and done.stderr == ""

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NIXOS = ROOT / "nixos"
 EVAL = ROOT / "tests" / "nixos-eval" / "eval.nix"
 SPOOL = "/var/spool/hydra-cachix-bridge"
+GROUP = "hydra-cachix-bridge-producers"
 STORE = "/nix/store/"
 # The NixOS default differs from the daemon's on purpose: RunCommand and the hook write the spool.
 MODULE_ONLY_DEFAULTS = {"spool.group_writable": True}
@@ -195,15 +196,23 @@ def check_minimal(r: Result) -> None:
     assert r["users"]["hydra-cachix-bridge"] == {
         "isSystemUser": True,
         "isNormalUser": False,
-        "group": "hydra",
+        "group": GROUP,
         "extraGroups": [],
         "uid": None,
         "home": "/var/lib/hydra-cachix-bridge",
     }
-    assert r["groups"] == ["hydra"]
+    # A dedicated producers' group, not Hydra's `hydra`.
+    assert r["groups"] == [GROUP]
+    assert config["Group"] == GROUP
+    # The spool root and the hook directory are root's (the root-run hook writes there);
+    # the producers' directories are the daemon's and the group's, sticky.
     assert r["tmpfiles"] == [
-        f"d {SPOOL}{sub} 3770 hydra-cachix-bridge hydra - -"
-        for sub in ("", "/incoming", "/tmp", "/quarantine")
+        f"d {SPOOL} 0755 root root - -",
+        *[
+            f"d {SPOOL}{sub} 3770 hydra-cachix-bridge {GROUP} - -"
+            for sub in ("/incoming", "/tmp", "/quarantine")
+        ],
+        f"d {SPOOL}/hook 2750 root {GROUP} 7d -",
     ]
     # No `rules` key: every event goes to every cache (an empty list would route nothing).
     assert "rules" not in r["settings"]
@@ -222,7 +231,7 @@ def check_disabled(r: Result) -> None:
 def check_file_cache(r: Result) -> None:
     config = r["unit"]["serviceConfig"]
     assert config["ReadWritePaths"] == [SPOOL, "/var/cache/nix-mirror"]
-    assert "d /var/cache/nix-mirror 0750 hydra-cachix-bridge hydra - -" in r["tmpfiles"]
+    assert f"d /var/cache/nix-mirror 0750 hydra-cachix-bridge {GROUP} - -" in r["tmpfiles"]
     assert r["unit"]["path"] == ["nix", "cachix"]
 
 
@@ -238,7 +247,7 @@ def check_state_dir_outside_var_lib(r: Result) -> None:
     config = r["unit"]["serviceConfig"]
     assert "StateDirectory" not in config
     assert "/srv/hcb/state" in config["ReadWritePaths"]
-    assert "d /srv/hcb/state 0700 hydra-cachix-bridge hydra - -" in r["tmpfiles"]
+    assert f"d /srv/hcb/state 0700 hydra-cachix-bridge {GROUP} - -" in r["tmpfiles"]
     assert r["unit"]["environment"]["HOME"] == "/srv/hcb/state"
     assert r["users"]["hydra-cachix-bridge"]["home"] == "/srv/hcb/state"
 
@@ -251,7 +260,9 @@ def check_state_dir_under_var_lib(r: Result) -> None:
 
 def check_spool_dir_changed(r: Result) -> None:
     assert r["unit"]["serviceConfig"]["ReadWritePaths"] == ["/srv/hcb-spool"]
-    assert "d /srv/hcb-spool/incoming 3770 hydra-cachix-bridge hydra - -" in r["tmpfiles"]
+    assert f"d /srv/hcb-spool/incoming 3770 hydra-cachix-bridge {GROUP} - -" in r["tmpfiles"]
+    assert "d /srv/hcb-spool 0755 root root - -" in r["tmpfiles"]
+    assert f"d /srv/hcb-spool/hook 2750 root {GROUP} 7d -" in r["tmpfiles"]
 
 
 def check_secrets(r: Result) -> None:
@@ -280,9 +291,12 @@ def check_hydra_nixpkgs(r: Result) -> None:
         extra,
     ), extra
     assert r["unit"]["serviceConfig"]["ExecStart"].split("--config ")[1] in extra
-    # Hydra's module keeps its users as it defined them.
+    # Hydra's module keeps its users as it defined them; RunCommand's user joins the
+    # producers' group (and nobody else of Hydra's does).
     assert r["users"]["hydra-queue-runner"]["uid"] == 236
-    assert r["users"]["hydra-queue-runner"]["extraGroups"] == []
+    assert r["users"]["hydra-queue-runner"]["extraGroups"] == [GROUP]
+    assert r["users"]["hydra-www"]["extraGroups"] == []
+    assert r["users"]["hydra-cachix-bridge"]["group"] == GROUP
     assert set(r["users"]) == {"hydra", "hydra-queue-runner", "hydra-www", "hydra-cachix-bridge"}
 
 
@@ -305,6 +319,13 @@ def check_hydra_custom_group(r: Result) -> None:
     assert r["users"]["hydra-cachix-bridge"]["group"] == "cachix-push"
     assert "cachix-push" in r["groups"] and "hydra" in r["groups"]
     assert r["unit"]["serviceConfig"]["Group"] == "cachix-push"
+
+
+def check_hook_retention(r: Result) -> None:
+    """A hook directory of its own, kept 30 days; hook_dir reaches the daemon's config."""
+    assert "d /srv/hcb-hook 2750 root hydra-cachix-bridge-producers 30d -" in r["tmpfiles"]
+    assert r["settings"]["spool"]["hook_dir"] == "/srv/hcb-hook/"
+    assert parse_config(r["settings"], "<nixos module>").hook_dir == Path("/srv/hcb-hook")
 
 
 def check_custom_user(r: Result) -> None:
@@ -443,6 +464,8 @@ CHECKS: dict[str, Callable[[Result], None]] = {
     "hydra-module-mismatch": expect_assertion(HYDRA_MISSING),
     "hydra-custom-group": check_hydra_custom_group,
     "custom-user": check_custom_user,
+    "hook-retention": check_hook_retention,
+    "hook-dir-inside-state": expect_assertion("lies inside state_dir"),
     "ssh-ng-cache": check_ssh_cache,
     "ssh-cache": check_ssh_cache,
     "nix-copy-only": check_nix_copy_only,

@@ -30,7 +30,9 @@ from bridge.spool import (
     quarantine,
     quarantine_bytes,
     read_event_file,
+    unsafe_directory,
     write_event,
+    write_hook_event,
 )
 
 DRV = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv"
@@ -104,6 +106,48 @@ class TestLayout:
         for directory in (spool.root, spool.incoming, spool.tmp, spool.quarantine):
             assert mode(directory) == 0o700
         assert (spool.incoming / "keep.json").read_text() == "{}"
+
+    def test_hook_directory(self, tmp_path: Path) -> None:
+        assert SpoolLayout(tmp_path).hook == tmp_path / "hook"
+        assert SpoolLayout(tmp_path, tmp_path / "elsewhere").hook == tmp_path / "elsewhere"
+
+    def test_ensure_private_makes_the_hook_directory(self, tmp_path: Path) -> None:
+        spool = SpoolLayout(tmp_path / "spool")
+        spool.ensure()
+        assert mode(spool.hook) == 0o700 and os.lstat(spool.hook).st_uid == os.geteuid()
+
+    def test_ensure_shared_leaves_the_hook_directory_to_root(self, tmp_path: Path) -> None:
+        spool = SpoolLayout(tmp_path / "spool")
+        spool.ensure(group_writable=True)
+        assert not spool.hook.exists()
+
+    def test_ensure_keeps_a_root_made_by_init(self, tmp_path: Path) -> None:
+        spool = SpoolLayout(tmp_path / "spool")
+        spool.ensure(group_writable=True)
+        os.chmod(spool.root, 0o755)
+        spool.ensure(group_writable=True)
+        assert mode(spool.root) == 0o755
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory owned by someone else")
+    def test_ensure_refuses_a_loose_root_it_does_not_own(self, shared_tmp: Path) -> None:
+        from tests.asuser import NOBODY, run_as
+
+        spool = SpoolLayout(shared_tmp / "spool")
+        spool.ensure(group_writable=True)
+        os.chmod(spool.root, 0o2775)  # group-writable, no sticky bit: anyone there may swap
+
+        def ensure() -> str:
+            try:
+                spool.ensure(group_writable=True)
+            except PermissionError as exc:
+                return str(exc)
+            return "ok"
+
+        message = run_as(NOBODY, NOBODY, ensure)
+        assert "without the sticky bit" in message and str(spool.root) in message
+        # Its owner fixes it.
+        spool.ensure(group_writable=True)
+        assert mode(spool.root) == 0o3770
 
     def test_is_alive_needs_incoming_directory(self, layout: SpoolLayout) -> None:
         assert layout.is_alive()
@@ -490,3 +534,103 @@ class TestQuarantineBytes:
         assert first != second
         assert (first.read_bytes(), second.read_bytes()) == (b"1", b"2")
         assert len(list(layout.quarantine.glob("*.reason"))) == 2
+
+
+# --------------------------------------------------------------------------- trust of a path
+
+
+class TestUnsafeDirectory:
+    def test_root_only_path_is_safe(self, tmp_path: Path) -> None:
+        target = tmp_path / "a" / "b"
+        target.mkdir(parents=True)
+        assert unsafe_directory(target, {0, os.geteuid()}) is None
+
+    def test_missing(self, tmp_path: Path) -> None:
+        assert unsafe_directory(tmp_path / "nope", {0}) == f"{tmp_path / 'nope'} is missing"
+
+    def test_writable_by_the_group(self, tmp_path: Path) -> None:
+        target = tmp_path / "t"
+        target.mkdir()
+        os.chmod(target, 0o770)
+        assert unsafe_directory(target, {0, os.geteuid()}) == f"{target} is writable by group"
+
+    def test_sticky_ancestor_passes_but_not_as_the_directory_itself(self) -> None:
+        # /tmp: root's, 1777. Its root-owned children are safe; /tmp itself is not.
+        base = Path(tempfile.mkdtemp(dir="/tmp"))
+        try:
+            assert unsafe_directory(base, {0, os.geteuid()}) is None
+            assert unsafe_directory(Path("/tmp"), {0}) == "/tmp is writable by group and others"
+            assert unsafe_directory(Path("/tmp"), {0}, ancestor=True) is None
+        finally:
+            base.rmdir()
+
+    def test_ancestor_writable_without_sticky_bit(self, tmp_path: Path) -> None:
+        parent = tmp_path / "p"
+        (parent / "hook").mkdir(parents=True)
+        os.chmod(parent, 0o777)
+        problem = unsafe_directory(parent / "hook", {0, os.geteuid()})
+        assert problem == f"{parent} is writable by group or others without the sticky bit"
+
+    def test_owned_by_someone_untrusted(self, tmp_path: Path) -> None:
+        target = tmp_path / "t"
+        target.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("needs chown")
+        os.chown(target, 65534, 65534)
+        assert unsafe_directory(target, {0}) == f"{target} is owned by nobody (uid 65534)"
+        assert unsafe_directory(target, {0, 65534}) is None
+
+    def test_symbolic_links_are_checked_then_followed(self, tmp_path: Path) -> None:
+        real = tmp_path / "real"
+        real.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        assert unsafe_directory(link, {0, os.geteuid()}) is None
+        os.chmod(real, 0o777)
+        problem = unsafe_directory(link, {0, os.geteuid()})
+        assert problem == f"{real} is writable by group and others"
+        loose = tmp_path / "loose"
+        loose.mkdir(mode=0o700)
+        os.chmod(loose, 0o777)
+        (loose / "d").mkdir()
+        hop = tmp_path / "hop"
+        hop.symlink_to(loose / "d")
+        assert "without the sticky bit" in (unsafe_directory(hop, {0, os.geteuid()}) or "")
+
+
+class TestWriteHookEvent:
+    def test_writes_one_complete_line_into_the_hook_directory(self, layout: SpoolLayout) -> None:
+        path = write_hook_event(layout, hook_envelope(DRV, OUT, NOW))
+        assert path.parent == layout.hook and is_candidate(path.name)
+        data = path.read_bytes()
+        assert data.endswith(b"\n") and data.count(b"\n") == 1
+        event = parse_spool_document(decode_json(data), fallback_time=0.0)
+        assert (event.source, event.drv_path, event.out_paths) == ("hook", DRV, (OUT,))
+        assert mode(path) & 0o027 == 0
+        assert list(layout.incoming.iterdir()) == []
+
+    def test_refuses_a_directory_others_could_redirect(self, layout: SpoolLayout) -> None:
+        os.chmod(layout.hook, 0o777)
+        with pytest.raises(SpoolUnavailable, match=r"not safe to write: .* writable by group"):
+            write_hook_event(layout, hook_envelope(DRV, OUT, NOW))
+        assert list(layout.hook.iterdir()) == []
+
+    def test_refuses_a_link_in_place_of_the_directory(
+        self, layout: SpoolLayout, tmp_path: Path
+    ) -> None:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        layout.hook.rmdir()
+        layout.hook.symlink_to(elsewhere)
+        with pytest.raises(SpoolUnavailable):
+            write_hook_event(layout, hook_envelope(DRV, OUT, NOW))
+        assert list(elsewhere.iterdir()) == []
+
+    def test_missing_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(SpoolUnavailable, match="is missing"):
+            write_hook_event(SpoolLayout(tmp_path / "none"), hook_envelope(DRV, OUT, NOW))
+
+    def test_too_large(self, layout: SpoolLayout) -> None:
+        with pytest.raises(EventRejected) as info:
+            write_hook_event(layout, hook_envelope(DRV, OUT, NOW), max_bytes=50)
+        assert info.value.reason == "too_large"

@@ -63,8 +63,9 @@ in
       }
     ];
 
-    # RunCommand runs as hydra-queue-runner, a user Hydra's module defines: only add a group.
-    users.users = mkIf (cfg.group != "hydra") {
+    # RunCommand runs as hydra-queue-runner, a user Hydra's module defines: only add it to
+    # the producers' group (no other Hydra user joins it).
+    users.users = mkIf (cfg.group != "hydra" && enabled cfg.hydra.module) {
       hydra-queue-runner.extraGroups = [ cfg.group ];
     };
 

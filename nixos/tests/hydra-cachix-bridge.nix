@@ -16,7 +16,9 @@
       users.users.hydra-queue-runner = {
         isSystemUser = true;
         group = "hydra";
+        extraGroups = [ "hydra-cachix-bridge-producers" ];
       };
+      users.groups.hydra = { };
       services.hydra-cachix-bridge = {
         enable = true;
         postBuildHook.enable = true;
@@ -44,6 +46,12 @@
         "systemctl show -P ReadWritePaths hydra-cachix-bridge | grep -q /var/cache/nix-mirror"
     )
     machine.wait_until_succeeds("curl -sf http://127.0.0.1:10198/healthz")
+    # Root owns the spool root and the hook's directory; the producers' group writes the rest.
+    machine.succeed("test \"$(stat -c %U:%a /var/spool/hydra-cachix-bridge)\" = root:755")
+    machine.succeed(
+        "test \"$(stat -c %U:%G:%a /var/spool/hydra-cachix-bridge/hook)\" = "
+        "root:hydra-cachix-bridge-producers:2750"
+    )
 
     # A local build runs the post-build-hook, which drops an event into the spool.
     machine.succeed(

@@ -132,11 +132,18 @@ in
       { services.hydra.enable = true; }
     ];
 
+  hook-retention = with' {
+    hookRetention = "30d";
+    settings.spool.hook_dir = "/srv/hcb-hook/";
+  };
+
+  hook-dir-inside-state = with' { settings.spool_dir = "/var/lib/hydra-cachix-bridge/spool"; };
+
   custom-user = with' { user = "pusher"; } ++ [
     {
       users.users.pusher = {
         isSystemUser = true;
-        group = "hydra";
+        group = "hydra-cachix-bridge-producers";
         home = "/home/pusher";
       };
     }

@@ -186,7 +186,9 @@ def test_database_locked_by_another_process_delays_but_loses_nothing(
 
         # Hold the lock a few seconds: the events wait in the spool, the daemon lives on.
         time.sleep(max(0.0, locker.locked_at + 3 - time.monotonic()))
-        assert len(os.listdir(incoming)) == 3
+        # Two from RunCommand in incoming/, the hook's in its own directory.
+        assert len(os.listdir(incoming)) == 2
+        assert len(os.listdir(incoming.parent / "hook")) == 1
         assert not daemon.proc_exited()
         report["healthz_while_locked"] = list(daemon.health())
         assert daemon.counts("mirror") == EMPTY

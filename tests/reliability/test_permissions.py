@@ -5,7 +5,7 @@
   `[spool] group_writable = true` — also under a careless umask.
 * Quarantine files (`.reason` files, rejected payloads) are not world-readable; the quarantine
   directory is not world-accessible.
-* The sh hook's `hook-tmp/` is private (0700, plus the setgid bit inherited from the spool).
+* The sh hook's event files in its root-only `hook/` have no access for others.
 * Event files written by enqueue-hydra / enqueue-hook are not world-writable (or readable).
 * The daemon never follows a symlink (a link to a readable file with valid content is
   quarantined, its target untouched and not recorded) and never reads anything that is not a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.events import REJECT_REASONS, hook_envelope
+from bridge.events import REJECT_REASONS, hook_envelope, hydra_envelope
 from bridge.hookscript import render_hook_script
 from bridge.spool import SpoolLayout
 from tests.integration.daemonproc import DaemonProcess, bridge, free_port, wait_for
@@ -39,6 +39,22 @@ from tests.integration.daemonproc import DaemonProcess, bridge, free_port, wait_
 REPO = Path(__file__).resolve().parents[2]
 STORE_PATH = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello"
 VALID_EVENT = json.dumps(hook_envelope("", STORE_PATH, 1.0)).encode()
+VALID_HYDRA_EVENT = json.dumps(
+    hydra_envelope(
+        {
+            "event": "buildFinished",
+            "build": 1,
+            "finished": True,
+            "project": "p",
+            "jobset": "j",
+            "job": "x",
+            "buildStatus": 0,
+            "drvPath": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv",
+            "outputs": [{"name": "out", "path": STORE_PATH}],
+        },
+        1.0,
+    )
+).encode()
 NOOP_CACHE = '[caches.c]\nbackend = "nix-copy"\nuri = "file:///nonexistent"\n'
 NOOP_CACHE_PUSHING = NOOP_CACHE + 'executable = "/bin/true"\n'
 CHECKED: Counter[str] = Counter()
@@ -107,12 +123,13 @@ def test_daemon_creates_state_spool_and_database_privately(
     assert exposed == {}, f"queue database files accessible to others: {exposed}"
 
 
-def test_group_writable_spool_is_3770_and_the_hook_tmp_is_private(
+def test_group_writable_spool_is_3770_and_the_hook_files_are_private(
     daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
 ) -> None:
     """With group_writable the spool directories are setgid + sticky + 0770 (even under
-    umask 000); the generated hook then makes hook-tmp/ 0700 + the inherited setgid bit, and
-    its event files have no access for others, whatever the caller's umask."""
+    umask 000); the hook's directory is root's (made by init or tmpfiles, never by the
+    daemon or the hook), and the hook's event files have no access for others, whatever the
+    caller's umask."""
     daemon = daemon_factory("group_writable = true\n" + NOOP_CACHE, start=False)
     with umask(0o000):
         daemon.start()
@@ -133,14 +150,23 @@ def test_group_writable_spool_is_3770_and_the_hook_tmp_is_private(
         check=False,
         timeout=30,
     )
+    assert done.returncode == 0
+    # The daemon does not make the hook's directory of a shared spool: root does.
+    assert b"could not record" in done.stderr and not (spool / "hook").exists()
+    (spool / "hook").mkdir()
+    os.chmod(spool / "hook", 0o2750)  # as init and tmpfiles make it
+    done = subprocess.run(
+        ["/bin/sh", "-c", f'umask 000; exec /bin/sh "{hook}"'],
+        env={"PATH": os.environ["PATH"], "DRV_PATH": "", "OUT_PATHS": STORE_PATH},
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     assert done.returncode == 0 and done.stderr == b""
-    hook_tmp = spool / "hook-tmp"
-    assert mode(hook_tmp) == 0o2700, oct(mode(hook_tmp))
-    assert os.lstat(hook_tmp).st_uid == os.getuid()
-    assert os.listdir(hook_tmp) == []
-    [event] = list((spool / "incoming").iterdir())
+    assert list((spool / "incoming").iterdir()) == []
+    [event] = list((spool / "hook").iterdir())
     assert mode(event) & 0o007 == 0, oct(mode(event))
-    assert os.lstat(event).st_gid == os.lstat(spool).st_gid
+    assert os.lstat(event).st_gid == os.lstat(spool / "hook").st_gid
     CHECKED["hook_tmp_and_hook_event_modes"] += 1
 
 
@@ -150,6 +176,7 @@ def test_event_files_from_enqueue_commands_are_not_world_writable(
 ) -> None:
     spool = SpoolLayout(tmp_path / "state" / "spool")
     spool.ensure(group_writable=True)
+    spool.hook.mkdir(mode=0o750)  # root's, as init makes it: enqueue-hook writes there
     config = tmp_path / "bridge.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + NOOP_CACHE)
     payload = tmp_path / "payload.json"
@@ -177,8 +204,8 @@ def test_event_files_from_enqueue_commands_are_not_world_writable(
         with umask(mask):
             done = bridge(*args, "--config", str(config), env=env)
         assert done.returncode == code, done.stderr
-    written = list(spool.incoming.iterdir())
-    assert len(written) == 2
+    written = [*spool.incoming.iterdir(), *spool.hook.iterdir()]
+    assert len(written) == 2 and len(list(spool.hook.iterdir())) == 1
     for path in written:
         assert mode(path) & 0o006 == 0, (path.name, oct(mode(path)))
     # The rejected payload went to quarantine with its .reason: neither is world-readable.
@@ -410,9 +437,10 @@ def test_daemon_as_nobody_quarantines_a_root_only_event_file_as_unreadable(
             path.write_bytes(data)
             path.chmod(0o600)
             path.rename(incoming / name)
-        # And one the daemon can read.
+        # And one the daemon can read (a Hydra event: hook events do not count from a
+        # shared incoming/).
         readable = state / "spool" / "tmp" / "readable.json"
-        readable.write_bytes(VALID_EVENT)
+        readable.write_bytes(VALID_HYDRA_EVENT)
         readable.chmod(0o644)
         readable.rename(incoming / "readable.json")
         wait_for(lambda: not os.listdir(incoming), timeout=20, message="incoming/ emptied")
@@ -424,7 +452,7 @@ def test_daemon_as_nobody_quarantines_a_root_only_event_file_as_unreadable(
             assert os.stat(moved).st_uid == 0 and mode(moved) == 0o600
             assert os.stat(quarantine / f"{name}.reason").st_uid == nobody.pw_uid
         assert daemon.metric("hydra_cachix_bridge_events_rejected_total", reason="unreadable") == 2
-        assert daemon.metric("hydra_cachix_bridge_events_received_total", source="hook") == 1
+        assert daemon.metric("hydra_cachix_bridge_events_received_total", source="hydra") == 1
         assert daemon.health()[0] == 200
         assert not daemon.proc_exited()
         assert "Traceback" not in daemon.log()

@@ -136,7 +136,7 @@ def assert_hook_reported(done: subprocess.CompletedProcess[str], built: Built) -
 def spool_files(spool: Path) -> dict[str, list[str]]:
     """Names in each spool directory (absent directories are empty)."""
     result = {}
-    for sub in ("incoming", "tmp", "hook-tmp", "quarantine"):
+    for sub in ("incoming", "tmp", "hook", "quarantine"):
         directory = spool / sub
         result[sub] = sorted(os.listdir(directory)) if directory.is_dir() else []
     return result
@@ -239,7 +239,7 @@ def test_spool_not_writable_by_the_hook_user(
     report["hook_seconds"] = round(time.monotonic() - started, 3)
     report["hook_stderr"] = assert_hook_reported(done, items[0])
     files = spool_files(spool)
-    assert files["incoming"] == [] and files["tmp"] == [] and files["hook-tmp"] == []
+    assert files["incoming"] == [] and files["tmp"] == [] and files["hook"] == []
 
     # Nothing is broken for the hook's rightful user.
     assert run_hook(hook, items[1]).stderr == ""
@@ -259,7 +259,7 @@ def test_read_only_spool_every_producer_reports_and_daemon_recovers(
     daemon = daemon_factory(FAST + mirror(cache), extra_top=f'spool_dir = "{spool}"\n')
     hook = write_hook(daemon, tmp_path)
     items = build(workdir, 6)
-    # Recorded before the fault (the hook creates its hook-tmp/ now).
+    # Recorded before the fault.
     assert run_hook(hook, items[0]).stderr == ""
     wait_for(lambda: all_arrived(cache, items[:1]), message="first push")
 
@@ -272,7 +272,8 @@ def test_read_only_spool_every_producer_reports_and_daemon_recovers(
         failed = enqueue_hydra(daemon, tmp_path, 3, items[3])
         report["enqueue_hydra_stderr"] = assert_one_line_error(failed, "read-only file system")
         files = spool_files(spool)
-        assert files["incoming"] == [] and files["tmp"] == [] and files["hook-tmp"] == []
+        assert files["incoming"] == [] and files["tmp"] == []
+        assert len(files["hook"]) == 1  # the first build's; the daemon never deletes there
         assert daemon.health()[0] == 200
         assert_idle(daemon, seconds=2)
 
@@ -304,8 +305,10 @@ def test_full_spool_producers_fail_cleanly_nothing_recorded_is_lost_and_daemon_r
             assert run_hook(hook, before[1]).stderr == ""
             assert enqueue_hook(daemon, before[2]).stderr == ""
             assert enqueue_hydra(daemon, tmp_path, 1, before[3]).returncode == 0
+            # The hook's events (sh and enqueue-hook) in its own directory, Hydra's in incoming/.
             recorded = spool_files(spool)["incoming"]
-            assert len(recorded) == 4
+            recorded_by_hooks = spool_files(spool)["hook"]
+            assert len(recorded) == 1 and len(recorded_by_hooks) == 3
             filler = fill(spoolfs)
 
             after = build(workdir, 3)
@@ -323,7 +326,7 @@ def test_full_spool_producers_fail_cleanly_nothing_recorded_is_lost_and_daemon_r
             )
             files = spool_files(spool)
             assert files["incoming"] == recorded, "a partial event file was left in incoming/"
-            assert files["tmp"] == [] and files["hook-tmp"] == [], files
+            assert files["tmp"] == [] and files["hook"] == recorded_by_hooks, files
 
             # The daemon starts with its spool on the full filesystem and pushes everything
             # recorded before the disk filled.
@@ -438,7 +441,7 @@ def test_full_state_dir_keeps_events_in_the_spool_until_the_database_can_commit(
             assert run_hook(hook, items[1]).stderr == ""
             assert enqueue_hook(daemon, items[2]).stderr == ""
             recorded = spool_files(spool)["incoming"]
-            assert len(recorded) == 3
+            assert len(recorded) == 1 and len(spool_files(spool)["hook"]) == 2
             wait_for(lambda: "database or disk is full" in daemon.log(), message="a failed commit")
             report["daemon_cpu_seconds_in_3s_while_full"] = round(assert_idle(daemon), 3)
             # Not recorded, so not deleted: every event file is still in the spool.
