@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ class PushOutcome:
     # The backend could not even start for want of descriptors, processes or memory: the
     # machine's fault, not the paths', so no attempt is charged.
     exhausted: bool = False
+    # Paths the tool said it skipped although it exited 0 (cachix: not valid in the store).
+    skipped: frozenset[str] = frozenset()
 
 
 class Backend(Protocol):
@@ -115,7 +119,23 @@ class CachixBackend:
             return PushOutcome(False, 0.0, "secret", str(exc))
         stdin = "".join(f"{path}\n" for path in paths).encode()
         result = run_command(command, timeout=timeout, stdin_data=stdin, env=env, cancel=cancel)
-        return outcome_from(result, "cachix push", secrets)
+        outcome = outcome_from(result, "cachix push", secrets)
+        if outcome.ok:
+            skipped = cachix_skipped(result.output, paths)
+            if skipped:
+                return dataclasses.replace(outcome, skipped=skipped)
+        return outcome
+
+
+# cachix (Command/Push.hs, CNix.hs validateStorePath; v1.7 to v1.11.1) warns once for each
+# path that is not valid in the local store, skips it and still exits 0.
+_CACHIX_SKIPPED = re.compile(r"^Warning: (/\S+) is not valid, skipping$", re.MULTILINE)
+
+
+def cachix_skipped(output: str, paths: Sequence[str]) -> frozenset[str]:
+    """The paths of this push that cachix's output says it skipped."""
+    wanted = set(paths)
+    return frozenset(p for p in _CACHIX_SKIPPED.findall(output) if p in wanted)
 
 
 class NixCopyBackend:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ class NixStore:
         """
         outputs = set(self.resolve_outputs(drv_path))
         return [path for path in paths if path not in outputs]
+
+    def missing_paths(self, paths: Sequence[str]) -> set[str]:
+        """Paths not on disk in the store (garbage-collected): invalid without asking Nix."""
+        return {path for path in paths if not os.path.lexists(path)}
 
     def invalid_paths(self, paths: Sequence[str]) -> set[str]:
         """Paths that are not (or no longer) valid in the local store."""

@@ -358,9 +358,11 @@ class PushWorkers:
         if outcome.ok:
             m.pushes_succeeded.labels(cache, config.backend).inc()
             # `nix copy` fails on a path that is not valid (handled below); cachix skips it
-            # and exits 0, so only its successes need the check (~5-80 ms, after the push).
+            # and exits 0, so only its successes need the check: the paths it said it
+            # skipped, and any no longer on disk (a store query per batch would cost more
+            # than the push of an instant cache).
             uploaded = (
-                self._skip_invalid(queue, cache, items, after_success=True)
+                self._skip_uploaded_invalid(queue, cache, items, outcome.skipped)
                 if config.backend == "cachix"
                 else items
             )
@@ -381,7 +383,7 @@ class PushWorkers:
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
         else:
-            valid = self._skip_invalid(queue, cache, items, after_success=False)
+            valid = self._skip_invalid(queue, cache, items)
             if len(valid) < len(items):
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
@@ -466,20 +468,32 @@ class PushWorkers:
             backoff.succeeded()
             return result
 
-    def _skip_invalid(
-        self, queue: Queue, cache: str, items: list[Item], *, after_success: bool
+    def _skip_uploaded_invalid(
+        self, queue: Queue, cache: str, items: list[Item], reported: frozenset[str]
     ) -> list[Item]:
-        """Mark the items whose path is no longer valid skipped; return the others.
+        """After cachix exited 0: skip what it reported skipping or what is gone from disk."""
+        invalid = set(reported) | self.store.missing_paths([item.path for item in items])
+        return self._mark_invalid(queue, cache, items, invalid, after_success=True)
 
-        After a successful push the batch is checked once: cachix skips such paths with a
-        warning and exits 0, so its exit status does not prove an upload. If the store
-        cannot be asked, exit 0 is the best evidence there is.
-        """
+    def _skip_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
+        """After a failed push: mark the items whose path is no longer valid skipped (the
+        store says which); return the others, all of them if the store cannot be asked."""
         try:
             invalid = self.store.invalid_paths([item.path for item in items])
         except StoreQueryError as exc:
             log.warning("cannot check store validity: %s", exc)
             return items
+        return self._mark_invalid(queue, cache, items, invalid, after_success=False)
+
+    def _mark_invalid(
+        self,
+        queue: Queue,
+        cache: str,
+        items: list[Item],
+        invalid: set[str],
+        *,
+        after_success: bool,
+    ) -> list[Item]:
         if not invalid:
             return items
         gone = [item for item in items if item.path in invalid]

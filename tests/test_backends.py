@@ -17,6 +17,7 @@ from bridge.backends import (
     CachixBackend,
     NixCopyBackend,
     PushOutcome,
+    cachix_skipped,
     make_backend,
 )
 from bridge.config import CacheConfig
@@ -487,3 +488,17 @@ def test_make_backend_picks_by_backend_name() -> None:
     assert isinstance(
         make_backend(CacheConfig(name="n", backend="nix-copy", uri="file:///x")), NixCopyBackend
     )
+
+
+def test_cachix_skipped_paths_are_read_from_its_warnings() -> None:
+    a = "/nix/store/" + "a" * 32 + "-a"
+    b = "/nix/store/" + "b" * 32 + "-b"
+    other = "/nix/store/" + "c" * 32 + "-c"
+    output = (
+        f"Warning: {a} is not valid, skipping\n"
+        "compressing and pushing ...\n"
+        f"  Warning: {b} is not valid, skipping (indented: not cachix's line)\n"
+        f"Warning: {other} is not valid, skipping\n"  # not part of this push
+    )
+    assert cachix_skipped(output, [a, b]) == frozenset({a})
+    assert cachix_skipped("", [a]) == frozenset()

@@ -512,6 +512,22 @@ def test_path_skipped_by_a_successful_push_is_skipped_not_pushed(
     assert statuses["d"].last_success_at is None
 
 
+def test_a_path_cachix_reports_skipping_is_skipped_even_if_it_is_on_disk(
+    harness: Harness, built: list[Built]
+) -> None:
+    # A path can be on disk and still not valid (a build or GC in progress): cachix's own
+    # warning decides then.
+    def reports(paths: list[str], timeout: float, cancel: threading.Event) -> PushOutcome:
+        return PushOutcome(True, 0.01, skipped=frozenset({built[5].out}))
+
+    harness.enqueue("c", [built[5].out, built[6].out])
+    harness.start({"c": cache("c", "cachix")}, {"c": ScriptedBackend("c", reports)})
+    wait_until(lambda: harness.settled("c"))
+    assert harness.item("c", built[5].out)[0] == "skipped"
+    assert harness.item("c", built[6].out)[0] == "pushed"
+    assert harness.value("paths_pushed_total", cache="c") == 1
+
+
 def test_real_cachix_skips_a_garbage_collected_path_and_the_bridge_says_so(
     harness: Harness,
     built: list[Built],
