@@ -53,6 +53,7 @@ from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
 from tests.asuser import NOBODY, run_as
+from tests.nixhelpers import build, hydra_payload
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks need root and setuid")
 
@@ -556,24 +557,16 @@ def test_a_hook_event_forged_into_the_shared_spool_is_refused_and_counted(
 
 @pytest.mark.skipif(bool(BASELINE), reason="the new channel only")
 def test_a_writer_cannot_suppress_anothers_event_by_recording_its_name_first(
-    setup: Setup,
+    setup: Setup, workdir: Path
 ) -> None:
     """Finding 8: deduplication by file name let a pre-recorded name delete a real event."""
     layout = setup.layout
     name = "hydra-predictable.json"
+    # Real derivations: a Hydra event's outputs must be outputs of its drvPath.
+    built = dict(zip(("decoy", "real"), build(workdir, 2, prefix="hcb-dedup"), strict=True))
 
-    def payload(build: int, job: str) -> bytes:
-        doc = {
-            "event": "buildFinished",
-            "build": build,
-            "finished": True,
-            "project": "p",
-            "jobset": "j",
-            "job": job,
-            "buildStatus": 0,
-            "drvPath": f"/nix/store/{HASH}-{job}.drv",
-            "outputs": [{"name": "out", "path": f"/nix/store/{HASH}-{job}"}],
-        }
+    def payload(build_id: int, job: str) -> bytes:
+        doc = hydra_payload(build_id, built[job], project="p", jobset="j", job=job)
         return json.dumps(hydra_envelope(doc, 1.0)).encode()
 
     def put(data: bytes) -> None:
@@ -586,8 +579,8 @@ def test_a_writer_cannot_suppress_anothers_event_by_recording_its_name_first(
     result = _ingest_as_daemon(setup.config)
     assert result["recorded"] == 1 and result["duplicates"] == 0
     assert [d for _, d in result["events"]] == [
-        f"/nix/store/{HASH}-decoy.drv",
-        f"/nix/store/{HASH}-real.drv",
+        built["decoy"].drv,
+        built["real"].drv,
     ]
 
 

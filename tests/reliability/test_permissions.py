@@ -35,26 +35,11 @@ from bridge.events import REJECT_REASONS, hook_envelope, hydra_envelope
 from bridge.hookscript import render_hook_script
 from bridge.spool import SpoolLayout
 from tests.integration.daemonproc import DaemonProcess, bridge, free_port, wait_for
+from tests.nixhelpers import build, hydra_payload
 
 REPO = Path(__file__).resolve().parents[2]
 STORE_PATH = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello"
 VALID_EVENT = json.dumps(hook_envelope("", STORE_PATH, 1.0)).encode()
-VALID_HYDRA_EVENT = json.dumps(
-    hydra_envelope(
-        {
-            "event": "buildFinished",
-            "build": 1,
-            "finished": True,
-            "project": "p",
-            "jobset": "j",
-            "job": "x",
-            "buildStatus": 0,
-            "drvPath": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv",
-            "outputs": [{"name": "out", "path": STORE_PATH}],
-        },
-        1.0,
-    )
-).encode()
 NOOP_CACHE = '[caches.c]\nbackend = "nix-copy"\nuri = "file:///nonexistent"\n'
 NOOP_CACHE_PUSHING = NOOP_CACHE + 'executable = "/bin/true"\n'
 CHECKED: Counter[str] = Counter()
@@ -407,8 +392,16 @@ def nobody_base() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def valid_hydra_event(directory: Path) -> bytes:
+    """A Hydra event the daemon accepts: its output is an output of its drvPath, for real."""
+    [built] = build(directory, 1, prefix="hcb-perm")
+    return json.dumps(
+        hydra_envelope(hydra_payload(1, built, project="p", jobset="j"), 1.0)
+    ).encode()
+
+
 def test_daemon_as_nobody_quarantines_a_root_only_event_file_as_unreadable(
-    nobody_base: Path,
+    nobody_base: Path, workdir: Path
 ) -> None:
     nobody = pwd.getpwnam("nobody")
     state = nobody_base / "state"
@@ -440,7 +433,7 @@ def test_daemon_as_nobody_quarantines_a_root_only_event_file_as_unreadable(
         # And one the daemon can read (a Hydra event: hook events do not count from a
         # shared incoming/).
         readable = state / "spool" / "tmp" / "readable.json"
-        readable.write_bytes(VALID_HYDRA_EVENT)
+        readable.write_bytes(valid_hydra_event(workdir))
         readable.chmod(0o644)
         readable.rename(incoming / "readable.json")
         wait_for(lambda: not os.listdir(incoming), timeout=20, message="incoming/ emptied")
