@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +14,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     report = tmp_path / "benchmarks.md"
-    done = subprocess.run(
+    # Its own session, killed whole in the end: a runner stopped by a timeout must not leave
+    # the daemons it started running (one kept a chroot's /dev busy after a hang).
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--output", str(report)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=280)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     text = report.read_text()
     assert "Smoke run with tiny sizes" in text
     for title in (
