@@ -531,7 +531,13 @@ def file_names(draw: st.DrawFn) -> str:
     if kind == "plain":
         suffix = ".json"
     elif kind == "text":
-        suffix = draw(st.text(st.characters(blacklist_characters="/\x00"), max_size=30))
+        # Text a name can be (no lone surrogates: undecodable bytes are the "bytes" kind).
+        suffix = draw(
+            st.text(
+                st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+                max_size=30,
+            )
+        )
     elif kind == "fragment":
         suffix = "".join(
             draw(
