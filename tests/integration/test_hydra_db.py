@@ -115,8 +115,9 @@ def test_postgresql_restart_under_a_running_daemon_loses_and_duplicates_nothing(
     total = daemon.metric("hydra_cachix_bridge_events_received_total", source="hydra-db")
     for item in built:
         wait_for(lambda item=item: narinfo(cache, item).is_file(), message=item.out)
-    lost = len(ids) - len({*ids} & set(_recorded_builds(tmp_path)))
-    duplicated = len(_recorded_builds(tmp_path)) - len(set(_recorded_builds(tmp_path)))
+    recorded = _recorded_builds(tmp_path)
+    lost = len(ids) - len({*ids} & set(recorded))
+    duplicated = len(recorded) - len(set(recorded))
     print(
         f"\nrestart figures: {int(before)} events before the restart, "
         f"{int(total - before)} after; {lost} lost, {duplicated} duplicated; "
@@ -128,14 +129,15 @@ def test_postgresql_restart_under_a_running_daemon_loses_and_duplicates_nothing(
     assert daemon.terminate() == 0
 
 
-def _recorded_builds(tmp_path: Path) -> list[int]:
+def _recorded_builds(tmp_path: Path, source: str = "hydra-db") -> list[int]:
+    """Build ids of the events recorded with this source, duplicates included."""
     import sqlite3
 
     conn = sqlite3.connect(tmp_path / "state" / "queue.sqlite3")
     try:
         return [
             int(row[0])
-            for row in conn.execute("SELECT build_id FROM events WHERE source = 'hydra-db'")
+            for row in conn.execute("SELECT build_id FROM events WHERE source = ?", (source,))
         ]
     finally:
         conn.close()
@@ -165,14 +167,15 @@ def test_backfill_dry_run_then_record_then_rerun(
     assert f"proj:main evaluation {latest}: 3 finished build(s); would record 3" in dry.stdout
     assert "local: 2 build(s), 2 path(s)" in dry.stdout
     assert "1 match no cache: status_filtered" in dry.stdout
-    assert not (tmp_path / "state" / "queue.sqlite3").exists() or not _recorded(tmp_path)
+    database = tmp_path / "state" / "queue.sqlite3"
+    assert not database.exists() or not _recorded_builds(tmp_path, "backfill")
 
     done = bridge("backfill", "--config", config, "--jobset", "proj:main", "--latest", env=env)
     assert done.returncode == 0, done.stderr
     assert "recorded 3 as events (source backfill)" in done.stdout
     again = bridge("backfill", "--config", config, "--jobset", "proj:main", "--latest", env=env)
     assert "recorded 0 as events" in again.stdout and "3 skipped" in again.stdout
-    assert sorted(_recorded(tmp_path)) == sorted(ids[1:])
+    assert sorted(_recorded_builds(tmp_path, "backfill")) == sorted(ids[1:])
 
     one = bridge(
         "backfill", "--config", config, "--jobset", "proj:main", "--eval", str(old_eval), env=env
@@ -198,16 +201,3 @@ def test_backfill_dry_run_then_record_then_rerun(
     ):
         failed = bridge("backfill", "--config", config, *args, env=env)
         assert failed.returncode != 0 and message in failed.stderr, failed.stderr
-
-
-def _recorded(tmp_path: Path) -> list[int]:
-    import sqlite3
-
-    conn = sqlite3.connect(tmp_path / "state" / "queue.sqlite3")
-    try:
-        return [
-            int(row[0])
-            for row in conn.execute("SELECT build_id FROM events WHERE source = 'backfill'")
-        ]
-    finally:
-        conn.close()
