@@ -163,7 +163,7 @@ def health_line(status: CacheStatus, now: float) -> str:
     return (
         f"{status.cache}: DOWN since {format_time(since)} ({age(now, since)}), "
         f"next try at {format_time(retry)} ({_in(now, retry)}), "
-        f"{health.failures} failed push(es), last error: {_printable(health.last_error or '-')}"
+        f"{health.failures} failed push(es), last error: {printable(health.last_error or '-')}"
     )
 
 
@@ -279,7 +279,7 @@ def render_status(
         if not _health(s).up:
             continue
         if s.last_error and (s.last_failure_at or 0) >= (s.last_success_at or 0):
-            lines.append(f"last error for {s.cache}: {_printable(s.last_error)}")
+            lines.append(f"last error for {s.cache}: {printable(s.last_error)}")
     if dead:
         lines += [
             "",
@@ -287,9 +287,9 @@ def render_status(
         ]
         for d in dead:
             lines.append(
-                f"  #{d.id} {d.cache} {_printable(d.path)} ({d.attempts} attempts, "
-                f"{age(now, d.updated_at)}): {_printable(d.reason or '-')}: "
-                f"{_printable(d.error or '-')}"
+                f"  #{d.id} {d.cache} {printable(d.path)} ({d.attempts} attempts, "
+                f"{age(now, d.updated_at)}): {printable(d.reason or '-')}: "
+                f"{printable(d.error or '-')}"
             )
     if quarantine is not None:
         lines += _render_quarantine(quarantine, now)
@@ -308,15 +308,10 @@ def _render_quarantine(quarantine: QuarantineSummary, now: float) -> list[str]:
     ]
     for q in quarantine.newest:
         lines.append(
-            f"  {_printable(q.quarantined_as)} ({age(now, q.quarantined_at)}): "
-            f"{q.reason}: {_printable(q.message)}"
+            f"  {printable(q.quarantined_as)} ({age(now, q.quarantined_at)}): "
+            f"{q.reason}: {printable(q.message)}"
         )
     return lines
-
-
-def _printable(text: str) -> str:
-    """Control and bidi characters escaped: event text cannot forge or hide terminal lines."""
-    return printable(text)
 
 
 def _when(stamp: float | None) -> str:
