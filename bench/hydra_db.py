@@ -18,7 +18,7 @@ from bridge.hydradb import HydraReader, connect
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import Queue
+from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
 from tests.pghelpers import HydraDatabase, PostgresServer
 
@@ -74,7 +74,7 @@ def catch_up_rate(work: Path, builds: int, instant_cache: str) -> tuple[float, f
         )
         config = load_config(config_path)
         assert config.hydra_db is not None
-        queue = Queue(config.database_path)
+        queue = StateDb(config.database_path)
         state = HydraState(queue.conn)
         state.ensure_schema()
         with queue.transaction():

@@ -43,8 +43,8 @@ from bridge.events import Event, hook_envelope, hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
 from bridge.ingest import Ingestor  # noqa: E402
 from bridge.nixbuild import nix_build_command  # noqa: E402
-from bridge.queue import Queue  # noqa: E402
 from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
+from bridge.statedb import StateDb  # noqa: E402
 from bridge.store import NixStore  # noqa: E402
 from tests.nixhelpers import nix_expression, offline_env  # noqa: E402
 
@@ -266,7 +266,7 @@ def instant_cache(name: str = "instant") -> str:
 
 def prefill(database: Path, count: int, *, cache: str = "instant", due_in: float = 0.0) -> None:
     """Queue `count` pending items straight into the database."""
-    queue = Queue(database)
+    queue = StateDb(database)
     now = time.time()
     try:
         chunk = 10_000
@@ -618,7 +618,7 @@ def ingest_throughput(sizes: Sizes, work: Path) -> Result:
         metrics = BridgeDaemonForMetrics(
             config, registry=CollectorRegistry(), serve_metrics=False
         ).metrics
-        queue = Queue(config.database_path)
+        queue = StateDb(config.database_path)
         ingestor = Ingestor(config, queue, NixStore(), metrics, SystemClock())
         started = time.perf_counter()
         stats = ingestor.ingest(ingestor.scan())

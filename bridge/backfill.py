@@ -10,7 +10,7 @@ from bridge.config import Config
 from bridge.hydradb import HydraReader
 from bridge.hydrasource import HydraRecorder
 from bridge.matching import match_event
-from bridge.queue import Queue
+from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics
 
 SOURCE = "backfill"
@@ -54,7 +54,7 @@ class Backfill:
         self,
         config: Config,
         reader: HydraReader,
-        queue: Queue,
+        queue: StateDb,
         metrics: BridgeMetrics,
         clock: Clock,
     ) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from bridge.clock import Clock
-from bridge.queue import CacheHealth, Queue
+from bridge.statedb import CacheHealth, StateDb
 from exporter.metrics import BridgeMetrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class CacheHealthBook:
         self._health = {name: CacheHealth(name) for name in caches}
         self._last_success: dict[str, float] = {}
 
-    def load(self, queue: Queue) -> None:
+    def load(self, queue: StateDb) -> None:
         """Take the state recorded before a restart (a cache down stays down)."""
         recorded = queue.cache_health()
         with self._lock:
@@ -72,7 +72,7 @@ class CacheHealthBook:
             return self._last_success.get(cache, float("-inf")) >= started
 
     def succeeded(
-        self, queue: Queue, cache: str, persist: Callable[[Callable[[], None]], None]
+        self, queue: StateDb, cache: str, persist: Callable[[Callable[[], None]], None]
     ) -> None:
         """A push to cache succeeded: it is up, and everything waiting is due."""
         now = self.clock.time()
@@ -93,7 +93,7 @@ class CacheHealthBook:
 
     def failed(
         self,
-        queue: Queue,
+        queue: StateDb,
         cache: str,
         error: str,
         push_started: float,

@@ -76,7 +76,7 @@ def run(config_path: Path | None) -> None:
 
     from bridge.daemon import Daemon, DaemonError, DaemonStopped
     from bridge.logsetup import setup_logging
-    from bridge.queue import QueueError
+    from bridge.statedb import StateDbError
 
     config = _load(config_path)
     setup_logging(config.log_level)
@@ -94,7 +94,7 @@ def run(config_path: Path | None) -> None:
     except DaemonStopped:
         daemon.shutdown()
         return
-    except (DaemonError, QueueError) as exc:
+    except (DaemonError, StateDbError) as exc:
         daemon.shutdown()
         _fail(str(exc))
     daemon.run_until(stop)
@@ -189,7 +189,7 @@ def hook_script(config_path: Path | None, tools_path: str | None) -> None:
 
     config = _load(config_path)
     layout = SpoolLayout.of(config)
-    if not layout.is_alive() or not layout.hook.is_dir():
+    if not layout.incoming.is_dir() or not layout.hook.is_dir():
         click.echo(
             f"hydra-cachix-bridge: warning: the spool {layout.root} or its hook directory "
             f"{layout.hook} does not exist yet: until `hydra-cachix-bridge init` (or the "
@@ -262,17 +262,17 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     import time
 
     from bridge.quarantine import summarize
-    from bridge.queue import Queue, QueueError
     from bridge.render import hydra_db_document, render_hydra_db, render_status, status_document
     from bridge.spool import SpoolLayout
+    from bridge.statedb import StateDb, StateDbError
 
     config = _load(config_path)
     now = time.time()
     statuses, dead = [], []
     if config.database_path.exists():
         try:
-            queue = Queue(config.database_path, create=False)
-        except QueueError as exc:
+            queue = StateDb(config.database_path, create=False)
+        except StateDbError as exc:
             _fail(str(exc))
         try:
             statuses = queue.cache_statuses(config.caches)
@@ -280,7 +280,7 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
         finally:
             queue.close()
     else:
-        from bridge.queue import STATES, CacheStatus
+        from bridge.statedb import STATES, CacheStatus
 
         statuses = [
             CacheStatus(name, dict.fromkeys(STATES, 0), None, None, None, None)
@@ -302,13 +302,13 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
 
 def _hydra_db_status(config: Config) -> SourceStatus | None:
     from bridge.hydrastate import HydraState
-    from bridge.queue import Queue, QueueError
+    from bridge.statedb import StateDb, StateDbError
 
     if not config.database_path.exists():
         return None
     try:
-        queue = Queue(config.database_path, create=False)
-    except QueueError:
+        queue = StateDb(config.database_path, create=False)
+    except StateDbError:
         return None
     try:
         return HydraState(queue.conn).status()
@@ -342,14 +342,14 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
     """Put dead-lettered paths (by ID from `status`, or --all) back into the queue."""
     import time
 
-    from bridge.queue import Queue, QueueError
+    from bridge.statedb import StateDb, StateDbError
 
     if retry_all == bool(ids):
         _fail("give either --all or one or more IDs (see `hydra-cachix-bridge status`)", 2)
     config = _load(config_path)
     try:
-        queue = Queue(config.database_path, create=False)
-    except QueueError as exc:
+        queue = StateDb(config.database_path, create=False)
+    except StateDbError as exc:
         _fail(str(exc))
     try:
         count = queue.retry_dead(None if retry_all else list(ids), time.time())
@@ -431,9 +431,9 @@ def backfill(
     from bridge.backfill import Backfill, BackfillError, Selection
     from bridge.clock import SystemClock
     from bridge.hydradb import HydraReader, connect
-    from bridge.queue import Queue, QueueError
     from bridge.render import render_backfill
     from bridge.secrets import SecretError
+    from bridge.statedb import StateDb, StateDbError
 
     selection = Selection(
         project, jobset, eval_id, latest, None if since is None else int(since.timestamp())
@@ -443,8 +443,8 @@ def backfill(
     except (psycopg.Error, SecretError) as exc:
         _fail(f"cannot connect to Hydra's database: {exc}")
     try:
-        queue = Queue(config.database_path)
-    except QueueError as exc:
+        queue = StateDb(config.database_path)
+    except StateDbError as exc:
         conn.close()
         _fail(str(exc))
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import queue as queue_module
 import random
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from queue import Empty, SimpleQueue
 
 from prometheus_client import CollectorRegistry
 
@@ -25,10 +25,10 @@ from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
 from bridge.matching import IGNORE_REASONS
 from bridge.quarantine import summarize
-from bridge.queue import STATES, Queue, QueueUnavailable
 from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
 from bridge.spool import SpoolLayout
+from bridge.statedb import STATES, StateDb, StateDbUnavailable
 from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
 from bridge.worker import SKIP_REASONS, PushWorkers
@@ -100,14 +100,12 @@ class Daemon:
         if config.hydra_db is not None:
             self.hydra_db_metrics = HydraDbMetrics(self.registry)
         self.stopping = threading.Event()
-        self.notifications: queue_module.SimpleQueue[Notification | None] = (
-            queue_module.SimpleQueue()
-        )
+        self.notifications: SimpleQueue[Notification | None] = SimpleQueue()
         self._lock_fd: int | None = None
         self._threads: list[threading.Thread] = []
         self._scrape_lock = threading.Lock()
-        self._scrape_queue: Queue | None = None
-        self._queue: Queue | None = None
+        self._scrape_queue: StateDb | None = None
+        self._queue: StateDb | None = None
         self.watcher: SpoolWatcher | None = None
         self.workers: PushWorkers | None = None
         self.server: MetricsServer | None = None
@@ -154,7 +152,7 @@ class Daemon:
             settings=config.push,
             caches=config.caches,
             backends=self.backends,
-            queue_factory=lambda: Queue(config.database_path, durable=False),
+            queue_factory=lambda: StateDb(config.database_path, durable=False),
             store=self.store,
             metrics=self.metrics,
             clock=self.clock,
@@ -225,13 +223,13 @@ class Daemon:
             config.push.workers,
         )
 
-    def _open_queue_patiently(self) -> Queue:
+    def _open_queue_patiently(self) -> StateDb:
         """Open the queue, waiting while it cannot be opened for now (e.g. a full disk)."""
         backoff = FailureBackoff("opening the queue database", log, initial=2.0)
         while True:
             try:
-                queue = Queue(self.config.database_path, shared=True)
-            except QueueUnavailable as exc:
+                queue = StateDb(self.config.database_path, shared=True)
+            except StateDbUnavailable as exc:
                 sd_notify(f"STATUS=waiting for the queue database: {exc}")
                 if self.abort.wait(backoff.failed(exc)):
                     raise DaemonStopped("stopped while waiting for the queue database") from None
@@ -254,7 +252,7 @@ class Daemon:
             ) from None
         self._lock_fd = fd
 
-    def _restore_gauges(self, queue: Queue) -> None:
+    def _restore_gauges(self, queue: StateDb) -> None:
         for status in queue.cache_statuses(self.config.caches):
             if status.cache not in self.config.caches:
                 continue
@@ -278,7 +276,7 @@ class Daemon:
 
     def _ingest_loop(self) -> None:
         assert self.workers is not None
-        queue = Queue(self.config.database_path)
+        queue = StateDb(self.config.database_path)
         ingestor = Ingestor(
             self.config,
             queue,
@@ -314,7 +312,7 @@ class Daemon:
                         next_rescan = self.clock.monotonic()
                     else:
                         batch.append(more)
-            except queue_module.Empty:
+            except Empty:
                 pass
             if self.stopping.is_set():
                 break
@@ -339,7 +337,7 @@ class Daemon:
                 backoff.succeeded()
 
     def _follow_loop(self) -> None:
-        queue = Queue(self.config.database_path)
+        queue = StateDb(self.config.database_path)
         assert self.ingestor is not None and self.workers is not None
         self.follower = LogFollower(
             self.config,
@@ -367,7 +365,7 @@ class Daemon:
         from bridge.hydrasource import HydraDbSource
 
         assert self.workers is not None and self.hydra_db_metrics is not None
-        queue = Queue(self.config.database_path)
+        queue = StateDb(self.config.database_path)
         try:
             source = HydraDbSource(
                 self.config,

@@ -19,8 +19,8 @@ from bridge.config import Config, default_config, load_config
 from bridge.daemon import Daemon, DaemonError
 from bridge.hookscript import render_hook_script
 from bridge.nixbuild import nix_build_command
-from bridge.queue import Queue, QueueError
 from bridge.spool import SpoolLayout
+from bridge.statedb import StateDb, StateDbError
 
 # Nix prints this line on stderr as each derivation starts building.
 _BUILDING = re.compile(r"^building '(/nix/store/[^']+\.drv)'")
@@ -77,7 +77,7 @@ def hydra_payload(build_id: int, drv_path: str, out_path: str, now: int) -> dict
     }
 
 
-def _done_counts(queue: Queue) -> dict[str, dict[str, int]]:
+def _done_counts(queue: StateDb) -> dict[str, dict[str, int]]:
     """Items per cache and state."""
     counts: dict[str, dict[str, int]] = {}
     for (cache, state), count in queue.counts().items():
@@ -97,7 +97,7 @@ def _wait_pushed(
     echo: Callable[[str], None],
 ) -> dict[str, int]:
     """Wait until this run's paths left the queue in every cache, printing progress."""
-    queue = Queue(config.database_path)
+    queue = StateDb(config.database_path)
     try:
         deadline = time.monotonic() + timeout
         shown: dict[str, int] = {}
@@ -187,7 +187,7 @@ def _command_name() -> str:
 
 
 def _baseline(config: Config) -> dict[str, dict[str, int]]:
-    queue = Queue(config.database_path)
+    queue = StateDb(config.database_path)
     try:
         return _done_counts(queue)
     finally:
@@ -224,7 +224,7 @@ def run_demo(
     stop = threading.Event()
     try:
         daemon.start()
-    except (DaemonError, QueueError) as exc:
+    except (DaemonError, StateDbError) as exc:
         daemon.shutdown()
         raise DemoError(str(exc)) from None
     runner = threading.Thread(target=daemon.run_until, args=(stop,), daemon=True)

@@ -65,9 +65,11 @@ class Event:
     skipped_outputs: int = 0
 
     @property
-    def has_job(self) -> bool:
-        """True when the event knows its Hydra project, jobset and job."""
-        return self.project is not None and self.jobset is not None and self.job is not None
+    def hydra_job(self) -> tuple[str, str, str] | None:
+        """The event's Hydra (project, jobset, job), or None when it does not know all three."""
+        if self.project is None or self.jobset is None or self.job is None:
+            return None
+        return self.project, self.jobset, self.job
 
     @property
     def needs_output_resolution(self) -> bool:

@@ -29,9 +29,9 @@ from bridge.events import Event, EventRejected
 from bridge.hydradb import BuildRow, HydraReader, connect, parse_notification, to_event
 from bridge.hydrastate import HydraState, SeenKey
 from bridge.intake import count_recorded, record_events
-from bridge.queue import Queue
 from bridge.retrying import FailureBackoff
 from bridge.secrets import SecretError
+from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class HydraRecorder:
     def __init__(
         self,
         config: Config,
-        queue: Queue,
+        queue: StateDb,
         metrics: BridgeMetrics,
         clock: Clock,
         *,
@@ -129,7 +129,7 @@ class HydraDbSource:
     def __init__(
         self,
         config: Config,
-        queue: Queue,
+        queue: StateDb,
         metrics: BridgeMetrics,
         db_metrics: HydraDbMetrics,
         clock: Clock,

@@ -20,7 +20,6 @@ from bridge.events import Event, EventRejected, decode_json, parse_spool_documen
 from bridge.intake import count_event
 from bridge.matching import match_event
 from bridge.quarantine import RejectionCounter
-from bridge.queue import Queue
 from bridge.safeopen import is_transient
 from bridge.spool import (
     EventFile,
@@ -31,6 +30,7 @@ from bridge.spool import (
     read_event_file,
     unsafe_directory,
 )
+from bridge.statedb import StateDb
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
 
@@ -71,7 +71,7 @@ class Ingestor:
     def __init__(
         self,
         config: Config,
-        queue: Queue,
+        queue: StateDb,
         store: NixStore,
         metrics: BridgeMetrics,
         clock: Clock,

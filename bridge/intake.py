@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from bridge.config import Rule
 from bridge.events import Event
 from bridge.matching import match_event
-from bridge.queue import Queue
+from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics
 
 
@@ -22,7 +22,7 @@ class Recorded:
 
 
 def record_events(
-    queue: Queue, events: Iterable[Event], rules: Sequence[Rule], now: float
+    queue: StateDb, events: Iterable[Event], rules: Sequence[Rule], now: float
 ) -> list[Recorded]:
     """Match and record events; call inside the caller's queue.transaction()."""
     recorded: list[Recorded] = []

@@ -10,7 +10,7 @@ from html import escape
 
 from bridge.describe import age
 from bridge.quarantine import QuarantineSummary
-from bridge.queue import STATES, CacheStatus, DeadLetter
+from bridge.statedb import STATES, CacheStatus, DeadLetter
 
 RUNBOOK = "https://github.com/hydra-cachix-bridge/hydra-cachix-bridge/blob/main/docs/alerts.md"
 REFRESH_SECONDS = 30

@@ -14,7 +14,7 @@ from bridge.config import Config, LogSource
 from bridge.describe import describe_queued
 from bridge.events import Event
 from bridge.matching import match_event
-from bridge.queue import LogOffset, Queue
+from bridge.statedb import LogOffset, StateDb
 from bridge.store import NixStore, StoreQueryError
 from bridge.storepath import is_store_path
 
@@ -70,7 +70,7 @@ class LogFollower:
     def __init__(
         self,
         config: Config,
-        queue: Queue,
+        queue: StateDb,
         clock: Clock,
         count_event: Callable[[Event, str, dict[str, int]], None] | None = None,
         store: NixStore | None = None,

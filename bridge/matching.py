@@ -21,20 +21,14 @@ class MatchResult:
     targets: tuple[tuple[str, str], ...]
     ignored_reason: str | None = None
 
-    @property
-    def matched(self) -> bool:
-        """True when at least one path goes to at least one cache."""
-        return bool(self.targets)
-
 
 def _applies(rule: Rule, event: Event) -> bool:
     if event.source not in rule.sources:
         return False
     if not rule.jobs:
         return True
-    if event.project is None or event.jobset is None or event.job is None:
-        return False
-    return any(p.matches(event.project, event.jobset, event.job) for p in rule.jobs)
+    job = event.hydra_job
+    return job is not None and any(p.matches(*job) for p in rule.jobs)
 
 
 def _status_ok(rule: Rule, event: Event) -> bool:

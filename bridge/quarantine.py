@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.events import REJECT_REASONS
-from bridge.queue import Queue
 from bridge.spool import REASON_SUFFIX, SpoolLayout, reason_path
+from bridge.statedb import StateDb
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class RejectionCounter:
     def __init__(
         self,
         layout: SpoolLayout,
-        queue: Queue,
+        queue: StateDb,
         count: Callable[[str], None],
         clock: Callable[[], float],
     ) -> None:

@@ -15,8 +15,8 @@ from bridge.describe import age
 from bridge.hydrastate import SourceStatus
 from bridge.logsetup import printable
 from bridge.quarantine import QuarantineSummary
-from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from bridge.secrets import SecretError, read_secret
+from bridge.statedb import CacheHealth, CacheStatus, DeadLetter
 
 if TYPE_CHECKING:
     from bridge.backfill import BackfillReport, Selection

@@ -105,10 +105,6 @@ class SpoolLayout:
             if info.st_uid == me and stat.S_IMODE(info.st_mode) != 0o700:
                 os.chmod(self.hook, 0o700)
 
-    def is_alive(self) -> bool:
-        """True while the incoming directory exists."""
-        return self.incoming.is_dir()
-
 
 def _loose(mode: int) -> bool:
     """Writable by group or others without the sticky bit: anyone there may swap entries."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import queue as queue_module
 import random
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 from typing import TypeVar
 
 from bridge.backends import Backend, PushOutcome
@@ -16,9 +16,9 @@ from bridge.cachehealth import CacheHealthBook, format_time
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
 from bridge.describe import first_paths, next_try
-from bridge.queue import Item, Queue
 from bridge.retrying import FailureBackoff
 from bridge.safeopen import is_transient
+from bridge.statedb import Item, StateDb
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
 
@@ -60,7 +60,7 @@ class PushedBytes:
         self.store = store
         self.metrics = metrics
         self.interval = interval
-        self._pending: queue_module.SimpleQueue[tuple[str, list[str]]] = queue_module.SimpleQueue()
+        self._pending: SimpleQueue[tuple[str, list[str]]] = SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pushed-bytes", daemon=True)
 
@@ -85,7 +85,7 @@ class PushedBytes:
         while True:
             try:
                 cache, paths = self._pending.get_nowait()
-            except queue_module.Empty:
+            except Empty:
                 break
             by_cache.setdefault(cache, []).extend(paths)
         for cache, paths in by_cache.items():
@@ -121,7 +121,7 @@ class PushWorkers:
         settings: PushSettings,
         caches: Mapping[str, CacheConfig],
         backends: Mapping[str, Backend],
-        queue_factory: Callable[[], Queue],
+        queue_factory: Callable[[], StateDb],
         store: NixStore,
         metrics: BridgeMetrics,
         clock: Clock,
@@ -214,7 +214,7 @@ class PushWorkers:
         finally:
             queue.close()
 
-    def _step(self, queue: Queue) -> None:
+    def _step(self, queue: StateDb) -> None:
         claimed = self._claim(queue)
         if claimed is None:
             self._idle(queue)
@@ -251,7 +251,7 @@ class PushWorkers:
                 self._running[cache] -= 1
                 self._held.difference_update(item.id for item in items)
 
-    def _claim(self, queue: Queue) -> tuple[str, list[Item], str | None] | None:
+    def _claim(self, queue: StateDb) -> tuple[str, list[Item], str | None] | None:
         """A batch to push, or for a down cache one probe: (cache, items, control path)."""
         names = list(self.caches)
         now = self.clock.time()
@@ -289,7 +289,7 @@ class PushWorkers:
                 self.health.postpone(cache, now + self.backoff.delay(1))
         return None
 
-    def _control_path(self, queue: Queue, cache: str) -> str | None:
+    def _control_path(self, queue: StateDb, cache: str) -> str | None:
         """A path this cache already has and the store still holds: pushing it again can
         only fail because of the cache, so it probes a down cache without risking a path."""
         recent = queue.recently_pushed(cache)
@@ -301,14 +301,14 @@ class PushWorkers:
             return None
         return next((path for path in recent if path not in invalid), None)
 
-    def release_orphans(self, queue: Queue) -> int:
+    def release_orphans(self, queue: StateDb) -> int:
         """Items left in flight by a worker whose database write failed go back to pending."""
         with self._lock:
             held = set(self._held)
         now = self.clock.time()
         return queue.release_orphans(held, older_than=now - ORPHAN_AGE_SECONDS, now=now)
 
-    def _idle(self, queue: Queue) -> None:
+    def _idle(self, queue: StateDb) -> None:
         now = self.clock.time()
         due = []
         for cache in self.caches:
@@ -323,7 +323,7 @@ class PushWorkers:
                 self._wakeup.wait(timeout)
             self._woken = False
 
-    def _probe(self, queue: Queue, cache: str, path: str) -> None:
+    def _probe(self, queue: StateDb, cache: str, path: str) -> None:
         """Push a path the down cache already has: success means it is back."""
         config = self.caches[cache]
         m = self.metrics
@@ -341,7 +341,7 @@ class PushWorkers:
             m.last_failure.labels(cache).set(self.clock.time())
             self.health.failed(queue, cache, outcome.error or reason, started, self._persist)
 
-    def _push(self, queue: Queue, cache: str, items: list[Item]) -> None:
+    def _push(self, queue: StateDb, cache: str, items: list[Item]) -> None:
         backend = self.backends[cache]
         config = self.caches[cache]
         m = self.metrics
@@ -399,7 +399,7 @@ class PushWorkers:
 
     def _exhausted(
         self,
-        queue: Queue,
+        queue: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],
@@ -422,7 +422,7 @@ class PushWorkers:
 
     def _deferred(
         self,
-        queue: Queue,
+        queue: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],
@@ -469,13 +469,13 @@ class PushWorkers:
             return result
 
     def _skip_uploaded_invalid(
-        self, queue: Queue, cache: str, items: list[Item], reported: frozenset[str]
+        self, queue: StateDb, cache: str, items: list[Item], reported: frozenset[str]
     ) -> list[Item]:
         """After cachix exited 0: skip what it reported skipping or what is gone from disk."""
         invalid = set(reported) | self.store.missing_paths([item.path for item in items])
         return self._mark_invalid(queue, cache, items, invalid, after_success=True)
 
-    def _skip_invalid(self, queue: Queue, cache: str, items: list[Item]) -> list[Item]:
+    def _skip_invalid(self, queue: StateDb, cache: str, items: list[Item]) -> list[Item]:
         """After a failed push: mark the items whose path is no longer valid skipped (the
         store says which); return the others, all of them if the store cannot be asked."""
         try:
@@ -487,7 +487,7 @@ class PushWorkers:
 
     def _mark_invalid(
         self,
-        queue: Queue,
+        queue: StateDb,
         cache: str,
         items: list[Item],
         invalid: set[str],
@@ -509,7 +509,7 @@ class PushWorkers:
 
     def _failed(
         self,
-        queue: Queue,
+        queue: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],

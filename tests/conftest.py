@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from nixhelpers import OFFLINE
+from tests.nixhelpers import OFFLINE
 
 FAKES = Path(__file__).parent / "fakes"
 

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from bridge.backends import FAILURE_REASONS
 from bridge.events import REJECT_REASONS, SOURCES
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import STATES
+from bridge.statedb import STATES
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from nixhelpers import Built, build, narinfo, offline_env
 
 from bridge.backends import (
     FAILURE_REASONS,
@@ -21,6 +20,7 @@ from bridge.backends import (
     make_backend,
 )
 from bridge.config import CacheConfig
+from tests.nixhelpers import Built, build, narinfo, offline_env
 
 pytestmark = pytest.mark.nix
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.config import load_config
-from bridge.queue import Queue
 from bridge.spool import SpoolLayout
+from bridge.statedb import StateDb
 from tests.nixhelpers import Built, hydra_payload
 
 OUT = "/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t"
@@ -263,7 +263,7 @@ def test_status_and_retry(tmp_path: Path, write_config: Callable[..., Path]) -> 
         "dead": 0,
     }
     db = load_config(config).database_path
-    queue = Queue(db)
+    queue = StateDb(db)
     from bridge.events import Event
 
     now = time.time()
@@ -326,7 +326,7 @@ def test_run_refuses_a_second_daemon_on_the_same_state(
     try:
         layout = SpoolLayout(load_config(config).spool_dir)
         deadline = time.monotonic() + 20
-        while not (tmp_path / "state" / "daemon.lock").exists() or not layout.is_alive():
+        while not (tmp_path / "state" / "daemon.lock").exists() or not layout.incoming.is_dir():
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)
@@ -362,7 +362,7 @@ def test_producers_do_not_import_the_daemon(
         "    main(sys.argv[1:])\n"
         "except SystemExit as exc:\n"
         "    assert not exc.code, exc.code\n"
-        "heavy = {'sqlite3', 'watchdog', 'prometheus_client', 'bridge.daemon', 'bridge.queue',\n"
+        "heavy = {'sqlite3', 'watchdog', 'prometheus_client', 'bridge.daemon', 'bridge.statedb',\n"
         "         'bridge.worker', 'exporter.metrics', 'subprocess'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )

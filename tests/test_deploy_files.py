@@ -116,5 +116,3 @@ def test_tmpfiles_make_the_spool_as_init_does() -> None:
     sysusers = (ROOT / "contrib" / "systemd" / "hydra-cachix-bridge.sysusers.conf").read_text()
     assert f"g {group} -" in sysusers and f"-:{group} " in sysusers
     assert "u hydra-cachix-bridge -:hydra " not in sysusers
-
-

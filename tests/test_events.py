@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import pytest
-from nixhelpers import Built, hydra_payload
 
 from bridge.events import (
     MAX_NAME_LENGTH,
@@ -24,6 +23,7 @@ from bridge.events import (
     parse_hydra_payload,
     parse_spool_document,
 )
+from tests.nixhelpers import Built, hydra_payload
 
 HASH_A = "0123456789abcdfghijklmnpqrsvwxyz"
 HASH_B = "zyxwvsrqpnmlkjihgfdcba9876543210"
@@ -133,7 +133,7 @@ class TestHydraPayloadValid:
             finished_at=1_700_000_020.0,
             skipped_outputs=0,
         )
-        assert event.has_job
+        assert event.hydra_job == ("proj", "main", "pkg.x86_64-linux")
         assert not event.needs_output_resolution
 
     def test_minimal_payload_with_only_required_fields(self) -> None:
@@ -410,7 +410,7 @@ class TestHookFields:
     def test_drv_and_outputs(self) -> None:
         event = parse_hook_fields(DRV, f"{OUT} {DEV}", NOW)
         assert event == Event(source="hook", received_at=NOW, out_paths=(OUT, DEV), drv_path=DRV)
-        assert not event.has_job
+        assert event.hydra_job is None
         assert not event.needs_output_resolution
 
     def test_whitespace_is_tolerated_and_duplicates_dropped(self) -> None:

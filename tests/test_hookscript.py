@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nixhelpers import build, build_multi_output, hook_gets_out_paths, nix_version
 
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
 from bridge.hookscript import render_hook_script
 from bridge.spool import SpoolLayout, is_candidate
+from tests.nixhelpers import build, build_multi_output, hook_gets_out_paths, nix_version
 
 HASH_A = "0123456789abcdfghijklmnpqrsvwxyz"
 HASH_B = "zyxwvsrqpnmlkjihgfdcba9876543210"

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from bridge.landing import LandingSnapshot, render_landing
-from bridge.queue import CacheHealth, CacheStatus, DeadLetter
+from bridge.statedb import CacheHealth, CacheStatus, DeadLetter
 from exporter.http import MetricsServer
 
 

@@ -56,7 +56,7 @@ def test_runcommand_rules_apply_to_database_and_backfill_events() -> None:
     for source in ("hydra", "hydra-db", "backfill"):
         ok = Event(source, 0.0, ("/nix/store/" + "a" * 32 + "-x",), None, 1, "proj", "main", "j", 0)
         failed = Event(source, 0.0, ok.out_paths, None, 2, "proj", "main", "j", 1)
-        assert match_event(ok, rules).matched, source
+        assert match_event(ok, rules).targets, source
         assert match_event(failed, rules).ignored_reason == "status_filtered", source
     only_db = parse('[[rules]]\njobs = ["proj:*:*"]\ncaches = ["local"]\nsources = ["hydra-db"]\n')
     assert only_db.rules[0].sources == ("hydra-db",)

@@ -26,8 +26,8 @@ from bridge.config import Config, HydraDbSettings, parse_config
 from bridge.hydradb import HydraReader, connect, to_event
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState, SourceStatus
-from bridge.queue import Queue
 from bridge.secrets import SecretError, secret_forms
+from bridge.statedb import StateDb
 from tests.integration.daemonproc import bridge
 from tests.pghelpers import HydraDatabase, hydra_db, postgres_server
 from tests.test_hydra_source import Harness, store_paths, wait_for
@@ -141,7 +141,7 @@ def _finished_build(db: HydraDatabase, n: int = 1) -> tuple[int, str]:
 
 
 def _source_status(harness: Harness) -> SourceStatus | None:
-    reader = Queue(harness.config.database_path, create=False)
+    reader = StateDb(harness.config.database_path, create=False)
     try:
         return HydraState(reader.conn).status()
     finally:

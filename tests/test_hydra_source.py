@@ -19,7 +19,7 @@ from bridge.hydradb import HydraReader, parse_notification
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import Queue
+from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
 from tests.pghelpers import HydraDatabase, hydra_db, notification_payloads, postgres_server
 
@@ -52,7 +52,7 @@ class Harness:
             skip_reasons=(),
         )
         self.db_metrics = HydraDbMetrics(self.registry)
-        self.queue = Queue(config.database_path, shared=True)
+        self.queue = StateDb(config.database_path, shared=True)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.source: HydraDbSource | None = None
@@ -78,7 +78,7 @@ class Harness:
         return 0.0 if got is None else got
 
     def events(self) -> list[tuple[Any, ...]]:
-        reader = Queue(self.config.database_path, create=False)
+        reader = StateDb(self.config.database_path, create=False)
         try:
             return reader.conn.execute(
                 "SELECT source, build_id, project, jobset, job, build_status, outcome, targets,"
@@ -88,7 +88,7 @@ class Harness:
             reader.close()
 
     def items(self) -> list[tuple[Any, ...]]:
-        reader = Queue(self.config.database_path, create=False)
+        reader = StateDb(self.config.database_path, create=False)
         try:
             return reader.conn.execute(
                 "SELECT cache, path, state, source FROM items ORDER BY id"

@@ -12,7 +12,6 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from nixhelpers import Built, build, hydra_payload
 from prometheus_client import CollectorRegistry
 
 from bridge.backends import FAILURE_REASONS
@@ -21,11 +20,13 @@ from bridge.config import CacheConfig, Config, JobPattern, Rule, SpoolSettings
 from bridge.events import REJECT_REASONS, SOURCES, hook_envelope, hydra_envelope
 from bridge.ingest import SETTLE_SECONDS, Ingestor
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import Queue
 from bridge.spool import SpoolLayout, write_event
+from bridge.statedb import StateDb
 from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
+from tests.dbrows import event_rows
+from tests.nixhelpers import Built, build, hydra_payload
 
 P = "hydra_cachix_bridge_"
 UNKNOWN_DRV = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hcb-never-instantiated.drv"
@@ -50,7 +51,7 @@ class Harness:
             failure_reasons=FAILURE_REASONS,
             skip_reasons=SKIP_REASONS,
         )
-        self.queue: Queue | None = None
+        self.queue: StateDb | None = None
         self.woken = 0
 
     def make(
@@ -71,7 +72,7 @@ class Harness:
         )
         self.layout = SpoolLayout(config.spool_dir)
         self.layout.ensure()
-        self.queue = Queue(config.database_path, timeout=queue_timeout)
+        self.queue = StateDb(config.database_path, timeout=queue_timeout)
 
         def wake() -> None:
             self.woken += 1
@@ -156,7 +157,7 @@ def test_file_is_kept_until_its_rows_are_committed(h: Harness, built: list[Built
     ingestor = h.make(queue_timeout=0.2)
     event_file = write_event(h.layout, "hydra", hydra_doc(built[0]))
     assert h.queue is not None
-    blocker = sqlite3.connect(h.queue.path, isolation_level=None)
+    blocker = sqlite3.connect(h.tmp_path / "state" / "queue.sqlite3", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
     try:
         with pytest.raises(sqlite3.OperationalError, match="locked"):
@@ -166,7 +167,7 @@ def test_file_is_kept_until_its_rows_are_committed(h: Harness, built: list[Built
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert h.queue.event_count() == 0
+    assert event_rows(h.queue) == 0
     assert h.items() == []
 
     stats = ingestor.ingest(ingestor.scan())
@@ -325,7 +326,7 @@ def test_already_recorded_file_is_just_removed(h: Harness, built: list[Built]) -
     assert (stats.recorded, stats.duplicates, stats.quarantined) == (0, 1, 0)
     assert h.incoming() == []
     assert h.quarantined() == {}
-    assert h.queue is not None and h.queue.event_count() == 1
+    assert h.queue is not None and event_rows(h.queue) == 1
     assert h.value("events_received_total", source="hydra") == 1
     assert h.woken == 1
 

@@ -13,7 +13,8 @@ from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, LogSource, Rule
 from bridge.events import Event
 from bridge.logfollow import LogFollower, extract_store_paths
-from bridge.queue import Queue
+from bridge.statedb import StateDb
+from tests.dbrows import event_rows
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
@@ -37,7 +38,7 @@ class Harness:
             rules=(Rule(caches=("c",)),),
             log_sources=(LogSource(self.log),),
         )
-        self.queue = Queue(self.db)
+        self.queue = StateDb(self.db)
         self.followers: list[LogFollower] = []
         self.counted: list[tuple[Event, str, dict[str, int]]] = []
 
@@ -113,19 +114,19 @@ def test_offsets_survive_a_new_follower(h: Harness) -> None:
     h.append(f"{path(1)}\n{path(2)}\n")
     assert first.poll() == {"c": 2}
     first.close()
-    events_before = h.queue.event_count()
+    events_before = event_rows(h.queue)
 
     # Written while nobody follows the file: must not be lost.
     h.append(f"{path(3)}\n")
     second = h.follower()
     assert second.poll() == {"c": 1}
-    assert h.queue.event_count() == events_before + 1  # old lines were not read again
+    assert event_rows(h.queue) == events_before + 1  # old lines were not read again
     assert h.queued() == [path(1), path(2), path(3)]
     second.close()
 
     third = h.follower()
     assert third.poll() == {}
-    assert h.queue.event_count() == events_before + 1
+    assert event_rows(h.queue) == events_before + 1
 
 
 def test_offset_is_not_reused_for_another_file_after_restart(h: Harness) -> None:
@@ -216,7 +217,7 @@ def test_lines_without_store_paths_queue_nothing(h: Harness) -> None:
     h.append("starting build\n/nix/store/too-short-name\n/nix/var/nix/db\n\n")
     assert follower.poll() == {}
     assert h.queued() == []
-    assert h.queue.event_count() == 0
+    assert event_rows(h.queue) == 0
     assert h.counted == []
     assert h.saved_offset() == h.log.stat().st_size
 

@@ -58,9 +58,9 @@ def targets(result: MatchResult) -> set[tuple[str, str]]:
 
 
 class TestMatchResult:
-    def test_matched_property(self) -> None:
-        assert MatchResult((("c", OUT),)).matched
-        assert not MatchResult((), "no_rule").matched
+    def test_targets_decide_a_match(self) -> None:
+        assert MatchResult((("c", OUT),)).targets
+        assert not MatchResult((), "no_rule").targets
 
     def test_reasons_are_bounded(self) -> None:
         assert IGNORE_REASONS == ("no_rule", "status_filtered", "excluded", "no_outputs")
@@ -75,7 +75,7 @@ class TestBasicMatching:
         result = match_event(hydra(OUT, DEV), [rule("a", "b")])
         assert result.targets == (("a", OUT), ("b", OUT), ("a", DEV), ("b", DEV))
         assert result.ignored_reason is None
-        assert result.matched
+        assert result.targets
 
     def test_catch_all_rule_matches_every_source(self) -> None:
         for event in (hydra(OUT), hook(OUT), log(OUT)):
@@ -84,7 +84,7 @@ class TestBasicMatching:
     def test_no_rules_at_all(self) -> None:
         result = match_event(hydra(OUT), [])
         assert result == MatchResult((), "no_rule")
-        assert not result.matched
+        assert not result.targets
 
 
 class TestJobs:
@@ -148,7 +148,7 @@ class TestStatuses:
     def test_configured_statuses(self) -> None:
         r = rule("c", build_statuses=(0, 6, 13))
         for status in (0, 6, 13):
-            assert match_event(hydra(OUT, status=status), [r]).matched
+            assert match_event(hydra(OUT, status=status), [r]).targets
         assert match_event(hydra(OUT, status=1), [r]).ignored_reason == "status_filtered"
 
     def test_hook_and_log_events_bypass_build_statuses(self) -> None:
@@ -178,12 +178,12 @@ class TestExclude:
         assert match_event(hydra(SPEC), [r]) == MatchResult((), "excluded")
 
     def test_exclude_applies_to_name_not_hash_or_store_dir(self) -> None:
-        assert match_event(hydra(OUT), [rule("c", exclude=("0123*",))]).matched
-        assert match_event(hydra(OUT), [rule("c", exclude=("/nix/store/*",))]).matched
-        assert not match_event(hydra(OUT), [rule("c", exclude=("hello-*",))]).matched
+        assert match_event(hydra(OUT), [rule("c", exclude=("0123*",))]).targets
+        assert match_event(hydra(OUT), [rule("c", exclude=("/nix/store/*",))]).targets
+        assert not match_event(hydra(OUT), [rule("c", exclude=("hello-*",))]).targets
 
     def test_exclude_is_case_sensitive(self) -> None:
-        assert match_event(hydra(OUT), [rule("c", exclude=("HELLO-*",))]).matched
+        assert match_event(hydra(OUT), [rule("c", exclude=("HELLO-*",))]).targets
 
     @pytest.mark.parametrize(("pattern", "excluded"), [("*-dev", True), ("hello-?.*", True)])
     def test_glob_forms(self, pattern: str, excluded: bool) -> None:
@@ -343,7 +343,7 @@ def bridge_verdict(pattern: str, build: tuple[str, str, str]) -> str:
         return ERROR
     project, jobset, job = build
     result = match_event(hydra(OUT, project=project, jobset=jobset, job=job), config.rules)
-    return MATCH if result.matched else NO
+    return MATCH if result.targets else NO
 
 
 @pytest.mark.parametrize(("pattern", "build", "expected"), HYDRA_TABLE)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from bridge.backends import FAILURE_REASONS
 from bridge.events import REJECT_REASONS, SOURCES
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import STATES, Queue
+from bridge.statedb import STATES, StateDb
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import (
     PREFIX,
@@ -122,7 +122,7 @@ def test_without_per_jobset_path_counters_have_no_job_labels() -> None:
 def test_queue_collector_reads_the_database_at_scrape_time(tmp_path: Path) -> None:
     from bridge.events import Event
 
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = StateDb(tmp_path / "q.sqlite3")
     now = time.time()
     path = "/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t"
     registry = CollectorRegistry()

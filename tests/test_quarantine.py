@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bridge.quarantine import RejectionCounter, read_reason, summarize
-from bridge.queue import Queue
 from bridge.spool import SpoolLayout, quarantine_bytes
+from bridge.statedb import StateDb
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_each_file_is_counted_once_even_with_a_new_counter_on_the_same_database(
     database = tmp_path / "queue.sqlite"
     counted: list[str] = []
     quarantine_bytes(layout, "hydra", b"{", "invalid_json", "bad", 100.0)
-    queue = Queue(database)
+    queue = StateDb(database)
     try:
         counter = RejectionCounter(layout, queue, counted.append, lambda: 200.0)
         assert counter.check() == 1 and counted == ["invalid_json"]
@@ -35,7 +35,7 @@ def test_each_file_is_counted_once_even_with_a_new_counter_on_the_same_database(
         queue.close()
     # A restart: a new process, the same database.
     quarantine_bytes(layout, "hydra", b"[]", "invalid_event", "not an object", 300.0)
-    queue = Queue(database)
+    queue = StateDb(database)
     try:
         counter = RejectionCounter(layout, queue, counted.append, lambda: 400.0)
         assert counter.check() == 1
@@ -48,7 +48,7 @@ def test_files_the_daemon_counted_itself_are_not_counted_again(
     layout: SpoolLayout, tmp_path: Path
 ) -> None:
     counted: list[str] = []
-    queue = Queue(tmp_path / "queue.sqlite")
+    queue = StateDb(tmp_path / "queue.sqlite")
     try:
         counter = RejectionCounter(layout, queue, counted.append, lambda: 1.0)
         target = quarantine_bytes(layout, "hydra", b"x", "too_large", "big", 1.0)
@@ -63,7 +63,7 @@ def test_removed_files_are_forgotten_and_odd_reason_files_use_a_bounded_label(
     layout: SpoolLayout, tmp_path: Path
 ) -> None:
     counted: list[str] = []
-    queue = Queue(tmp_path / "queue.sqlite")
+    queue = StateDb(tmp_path / "queue.sqlite")
     try:
         counter = RejectionCounter(layout, queue, counted.append, lambda: 1.0)
         (layout.quarantine / "odd.json.reason").write_text('{"reason": "made-up"}')
@@ -101,7 +101,7 @@ def test_undecodable_file_names_are_counted_once_and_shown_escaped(
     raw = os.fsencode(layout.quarantine) + b"/bad-\xff.json.reason"
     with open(raw, "w") as handle:
         json.dump({"reason": "invalid_json", "file": os.fsdecode(b"bad-\xff.json")}, handle)
-    queue = Queue(tmp_path / "queue.sqlite")
+    queue = StateDb(tmp_path / "queue.sqlite")
     try:
         counter = RejectionCounter(layout, queue, counted.append, lambda: 1.0)
         assert counter.check() == 1 and counter.check() == 0

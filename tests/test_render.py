@@ -12,8 +12,8 @@ from types import MappingProxyType
 import pytest
 
 from bridge.config import default_config, load_config, parse_config
-from bridge.queue import CacheHealth, CacheStatus, DeadLetter
 from bridge.render import mask_uri, render_config, render_status, status_document
+from bridge.statedb import CacheHealth, CacheStatus, DeadLetter
 
 TOKEN = "tok-SECRET-7f3a9c1e-do-not-print"
 KEY = "key-SECRET-b41d2e88-do-not-print"

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nixhelpers import Built, hydra_payload
 
 from bridge.events import (
     EventRejected,
@@ -34,6 +33,7 @@ from bridge.spool import (
     write_event,
     write_hook_event,
 )
+from tests.nixhelpers import Built, hydra_payload
 
 DRV = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv"
 OUT = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello"
@@ -80,9 +80,9 @@ class TestLayout:
 
     def test_ensure_private_modes(self, tmp_path: Path) -> None:
         spool = SpoolLayout(tmp_path / "a" / "b" / "spool")
-        assert not spool.is_alive()
+        assert not spool.incoming.is_dir()
         spool.ensure()
-        assert spool.is_alive()
+        assert spool.incoming.is_dir()
         for directory in (spool.root, spool.incoming, spool.tmp, spool.quarantine):
             assert directory.is_dir()
             assert mode(directory) == 0o700, (directory, oct(mode(directory)))
@@ -148,13 +148,6 @@ class TestLayout:
         # Its owner fixes it.
         spool.ensure(group_writable=True)
         assert mode(spool.root) == 0o3770
-
-    def test_is_alive_needs_incoming_directory(self, layout: SpoolLayout) -> None:
-        assert layout.is_alive()
-        layout.incoming.rmdir()
-        assert not layout.is_alive()
-        layout.incoming.write_text("not a dir")
-        assert not layout.is_alive()
 
 
 # --------------------------------------------------------------------------- names

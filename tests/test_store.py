@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nixhelpers import Built, build, offline_env
 
 import bridge.store
 from bridge.store import (
@@ -20,6 +19,7 @@ from bridge.store import (
     outputs_from_drv_file,
     parse_path_info,
 )
+from tests.nixhelpers import Built, build, offline_env
 
 pytestmark = pytest.mark.nix
 

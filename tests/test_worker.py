@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nixhelpers import Built, build, narinfo
 from prometheus_client import CollectorRegistry
 
 from bridge.backends import FAILURE_REASONS, Backend, CachixBackend, NixCopyBackend, PushOutcome
@@ -21,10 +20,11 @@ from bridge.clock import SystemClock
 from bridge.config import CacheConfig, PushSettings
 from bridge.events import REJECT_REASONS, SOURCES, Event
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import Queue
+from bridge.statedb import StateDb
 from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS, BackoffPolicy, PushWorkers, parallel_limits
 from exporter.metrics import BridgeMetrics
+from tests.nixhelpers import Built, build, narinfo
 
 pytestmark = pytest.mark.nix
 
@@ -86,7 +86,7 @@ class Harness:
 
     def __init__(self, tmp_path: Path) -> None:
         self.db = tmp_path / "state" / "queue.sqlite3"
-        self.queue = Queue(self.db)
+        self.queue = StateDb(self.db)
         self.registry = CollectorRegistry()
         self.workers: list[PushWorkers] = []
         self.metrics: BridgeMetrics | None = None
@@ -133,7 +133,7 @@ class Harness:
             settings=PushSettings(**defaults),  # type: ignore[arg-type]
             caches=caches,
             backends=backends,
-            queue_factory=lambda: Queue(self.db),
+            queue_factory=lambda: StateDb(self.db),
             store=NixStore(),
             metrics=self.metrics,
             clock=SystemClock(),

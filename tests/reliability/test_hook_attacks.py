@@ -47,8 +47,8 @@ from bridge.events import (
 )
 from bridge.ingest import Ingestor
 from bridge.matching import IGNORE_REASONS
-from bridge.queue import Queue
 from bridge.spool import SpoolLayout, write_event
+from bridge.statedb import StateDb
 from bridge.store import NixStore
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
@@ -446,7 +446,7 @@ def _ingest_as_daemon(config_path: Path, passes: int = 1) -> dict[str, Any]:
 
     def work() -> dict[str, Any]:
         config = load_config(config_path)
-        queue = Queue(config.database_path)
+        queue = StateDb(config.database_path)
         metrics = _metrics()
         ingestor = Ingestor(config, queue, NixStore(), metrics, _Clock())
         totals = {"recorded": 0, "quarantined": 0, "duplicates": 0, "deferred": 0}
@@ -504,7 +504,7 @@ def test_the_daemon_reads_the_hooks_events_once_and_leaves_the_files(setup: Setu
     rows = run_as(
         *DAEMON,
         lambda: (
-            Queue(load_config(setup.config).database_path)
+            StateDb(load_config(setup.config).database_path)
             .conn.execute("SELECT COUNT(*) FROM hook_files")
             .fetchone()[0]
         ),

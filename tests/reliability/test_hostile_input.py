@@ -2,7 +2,7 @@
 
 Property-based (hypothesis) with real components: `decode_json`/`parse_hydra_payload`/
 `write_event` as `enqueue-hydra` runs them (and the real CLI as a subprocess), the real
-`Ingestor` with a real SQLite `Queue` and real metrics, the real generated sh hook run by
+`Ingestor` with a real SQLite `StateDb` and real metrics, the real generated sh hook run by
 /bin/sh, `enqueue-hook` in process, and the real daemon as a subprocess.
 
 The properties, for every input:
@@ -66,8 +66,8 @@ from bridge.hookscript import render_hook_script
 from bridge.ingest import Ingestor, spool_name
 from bridge.matching import IGNORE_REASONS
 from bridge.producers import PayloadRejected, record_hydra_payload
-from bridge.queue import Queue
 from bridge.spool import SpoolLayout, reason_path
+from bridge.statedb import StateDb
 from bridge.store import NixStore, outputs_from_drv_file
 from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
@@ -644,7 +644,7 @@ class Harness:
         )
         self.layout = SpoolLayout(self.config.spool_dir)
         self.layout.ensure()
-        self.queue = Queue(self.config.database_path)
+        self.queue = StateDb(self.config.database_path)
         self.ingestor = Ingestor(self.config, self.queue, NixStore(), self.metrics, SystemClock())
         self.parked = root / "parked"
         self.parked.mkdir()

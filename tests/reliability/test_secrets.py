@@ -371,8 +371,6 @@ def test_token_file_with_a_nul_byte_fails_the_push_with_backoff(
 # ----------------------------------------------------------------------------- in process
 
 
-
-
 def secret_error(path: Path) -> str:
     with pytest.raises(SecretError) as info:
         read_secret(path)

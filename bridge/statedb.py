@@ -1,4 +1,5 @@
-"""The durable SQLite queue of (cache, path) items and the record of events."""
+"""The state database (SQLite, WAL): the durable queue of (cache, path) items, the record of
+events, cache health, log offsets and the files already consumed."""
 
 from __future__ import annotations
 
@@ -127,11 +128,11 @@ def spool_key(name: str, digest: str) -> str:
     return f"{name} sha256:{digest}"
 
 
-class QueueError(Exception):
+class StateDbError(Exception):
     """The queue database cannot be opened or used."""
 
 
-class QueueUnavailable(QueueError):
+class StateDbUnavailable(StateDbError):
     """The database cannot be opened for now (disk full, read-only, locked): not corrupt."""
 
 
@@ -221,7 +222,7 @@ def open_database(
     Ingest, which deletes event files after its commit, always stays durable.
     """
     if not create and not path.is_file():
-        raise QueueError(f"no queue database at {path} (has the daemon run with this config?)")
+        raise StateDbError(f"no queue database at {path} (has the daemon run with this config?)")
     try:
         new = create and not path.exists()
         if create:
@@ -256,30 +257,30 @@ def open_database(
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.OperationalError as exc:
-        raise QueueUnavailable(
+        raise StateDbUnavailable(
             f"cannot open queue database {path}: {exc} (is its filesystem full, read-only, or "
             "the file not writable by this user?)"
         ) from None
     except sqlite3.DatabaseError as exc:
-        raise QueueError(
+        raise StateDbError(
             f"cannot open queue database {path}: {exc}. If the file is corrupt: stop the daemon, "
             f"move {path} and its -wal/-shm files aside, rebuild what can be read with "
             f"`sqlite3 OLD .recover | sqlite3 {path}` (or start empty), and start again; event "
             "files still in the spool are read again either way"
         ) from None
     except OSError as exc:
-        raise QueueUnavailable(f"cannot open queue database {path}: {exc.strerror}") from None
+        raise StateDbUnavailable(f"cannot open queue database {path}: {exc.strerror}") from None
     if row is None or row[0] != str(SCHEMA_VERSION):
         conn.close()
-        raise QueueError(
+        raise StateDbError(
             f"queue database {path} has schema {row and row[0]}, "
             f"this version needs {SCHEMA_VERSION}"
         )
     return conn
 
 
-class Queue:
-    """All reads and writes of the queue database; one instance per thread."""
+class StateDb:
+    """All reads and writes of the state database; one instance per thread."""
 
     def __init__(
         self,
@@ -290,7 +291,6 @@ class Queue:
         create: bool = True,
         durable: bool = True,
     ) -> None:
-        self.path = path
         self.conn = open_database(
             path, timeout=timeout, shared=shared, create=create, durable=durable
         )
@@ -793,10 +793,6 @@ class Queue:
                 (limit,),
             )
         ]
-
-    def event_count(self) -> int:
-        """Number of recorded events (for tests and status)."""
-        return int(self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def ping(self) -> bool:
         """True when the database answers a query."""

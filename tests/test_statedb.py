@@ -1,4 +1,4 @@
-"""bridge/queue.py against a real SQLite file."""
+"""bridge/statedb.py against a real SQLite file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bridge.events import Event
-from bridge.queue import CacheHealth, DeadLetter, Item, LogOffset, Queue, QueueError
+from bridge.statedb import CacheHealth, DeadLetter, Item, LogOffset, StateDb, StateDbError
+from tests.dbrows import event_rows
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 T0 = 1_700_000_000.0
@@ -43,14 +44,14 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def queue(db_path: Path) -> Iterator[Queue]:
-    q = Queue(db_path)
+def queue(db_path: Path) -> Iterator[StateDb]:
+    q = StateDb(db_path)
     yield q
     q.close()
 
 
 def record(
-    queue: Queue,
+    queue: StateDb,
     targets: Sequence[tuple[str, str]],
     *,
     spool_name: str | None,
@@ -64,7 +65,7 @@ def record(
         )
 
 
-def row(queue: Queue, cache: str, path: str) -> sqlite3.Row:
+def row(queue: StateDb, cache: str, path: str) -> sqlite3.Row:
     queue.conn.row_factory = sqlite3.Row
     try:
         result = queue.conn.execute(
@@ -76,19 +77,19 @@ def row(queue: Queue, cache: str, path: str) -> sqlite3.Row:
     return result
 
 
-def states(queue: Queue) -> dict[tuple[str, str], int]:
+def states(queue: StateDb) -> dict[tuple[str, str], int]:
     return queue.counts()
 
 
 # -- record_event ------------------------------------------------------------------------
 
 
-def test_record_event_enqueues_every_target(queue: Queue) -> None:
+def test_record_event_enqueues_every_target(queue: StateDb) -> None:
     p1, p2 = store_path("one"), store_path("two")
     enqueued = record(queue, [("a", p1), ("a", p2), ("b", p1)], spool_name="ev-1.json")
     assert enqueued == {"a": 2, "b": 1}
     assert states(queue) == {("a", "pending"): 2, ("b", "pending"): 1}
-    assert queue.event_count() == 1
+    assert event_rows(queue) == 1
     assert queue.seen_spool_file("ev-1.json")
     assert not queue.seen_spool_file("ev-2.json")
 
@@ -105,7 +106,7 @@ def test_record_event_enqueues_every_target(queue: Queue) -> None:
     ).fetchone() == (7, "proj", "main", "pkg.x86_64-linux")
 
 
-def test_origin_falls_back_to_received_time(queue: Queue) -> None:
+def test_origin_falls_back_to_received_time(queue: StateDb) -> None:
     p = store_path("nofinish")
     event = hydra_event(p, finished_at=None)
     record(queue, [("a", p)], spool_name="x.json", event=event)
@@ -113,7 +114,7 @@ def test_origin_falls_back_to_received_time(queue: Queue) -> None:
     assert item.origin_at == event.received_at
 
 
-def test_pending_inflight_or_pushed_item_is_not_queued_again(queue: Queue) -> None:
+def test_pending_inflight_or_pushed_item_is_not_queued_again(queue: StateDb) -> None:
     p1, p2, p3 = store_path("p1"), store_path("p2"), store_path("p3")
     assert record(queue, [("a", p1), ("a", p2), ("a", p3)], spool_name="1.json") == {"a": 3}
 
@@ -124,7 +125,7 @@ def test_pending_inflight_or_pushed_item_is_not_queued_again(queue: Queue) -> No
 
     again = record(queue, [("a", p1), ("a", p2), ("a", p3)], spool_name="2.json", now=T0 + 5)
     assert again == {}
-    assert queue.event_count() == 2
+    assert event_rows(queue) == 2
     assert row(queue, "a", p1)["state"] == "pushed"
     assert row(queue, "a", p2)["state"] == "inflight"
     assert row(queue, "a", p3)["state"] == "pending"
@@ -133,7 +134,7 @@ def test_pending_inflight_or_pushed_item_is_not_queued_again(queue: Queue) -> No
     assert states(queue) == {("a", "pushed"): 1, ("a", "inflight"): 1, ("a", "pending"): 1}
 
 
-def test_dead_and_skipped_items_are_queued_again_by_a_new_event(queue: Queue) -> None:
+def test_dead_and_skipped_items_are_queued_again_by_a_new_event(queue: StateDb) -> None:
     dead_path, skipped_path = store_path("dead"), store_path("skipped")
     record(queue, [("a", dead_path), ("a", skipped_path)], spool_name="1.json")
     items = queue.claim("a", 2, T0)
@@ -163,29 +164,29 @@ def test_dead_and_skipped_items_are_queued_again_by_a_new_event(queue: Queue) ->
     assert {i.path for i in queue.claim("a", 10, T0 + 20)} == {dead_path, skipped_path}
 
 
-def test_duplicate_spool_name_returns_none_and_queues_nothing(queue: Queue) -> None:
+def test_duplicate_spool_name_returns_none_and_queues_nothing(queue: StateDb) -> None:
     p1, p2 = store_path("d1"), store_path("d2")
     assert record(queue, [("a", p1)], spool_name="same.json") == {"a": 1}
     assert record(queue, [("a", p2)], spool_name="same.json") is None
-    assert queue.event_count() == 1
+    assert event_rows(queue) == 1
     assert states(queue) == {("a", "pending"): 1}
 
 
-def test_events_without_spool_name_are_never_duplicates(queue: Queue) -> None:
+def test_events_without_spool_name_are_never_duplicates(queue: StateDb) -> None:
     p1, p2 = store_path("l1"), store_path("l2")
     assert record(queue, [("a", p1)], spool_name=None) == {"a": 1}
     assert record(queue, [("a", p2)], spool_name=None) == {"a": 1}
-    assert queue.event_count() == 2
+    assert event_rows(queue) == 2
 
 
-def test_record_event_rolls_back_with_its_transaction(queue: Queue) -> None:
+def test_record_event_rolls_back_with_its_transaction(queue: StateDb) -> None:
     p = store_path("rollback")
     with pytest.raises(RuntimeError), queue.transaction():
         queue.record_event(
             hydra_event(p), spool_name="r.json", outcome="matched", targets=[("a", p)], now=T0
         )
         raise RuntimeError("crash before commit")
-    assert queue.event_count() == 0
+    assert event_rows(queue) == 0
     assert states(queue) == {}
     assert not queue.seen_spool_file("r.json")
 
@@ -193,7 +194,7 @@ def test_record_event_rolls_back_with_its_transaction(queue: Queue) -> None:
 # -- claim -------------------------------------------------------------------------------
 
 
-def test_claim_honours_batch_size_and_marks_inflight(queue: Queue) -> None:
+def test_claim_honours_batch_size_and_marks_inflight(queue: StateDb) -> None:
     paths = [store_path(f"b{i}") for i in range(5)]
     record(queue, [("a", p) for p in paths], spool_name="1.json")
     first = queue.claim("a", 3, T0)
@@ -205,7 +206,7 @@ def test_claim_honours_batch_size_and_marks_inflight(queue: Queue) -> None:
     assert queue.claim("other-cache", 3, T0) == []
 
 
-def test_claim_only_takes_items_of_that_cache(queue: Queue) -> None:
+def test_claim_only_takes_items_of_that_cache(queue: StateDb) -> None:
     p = store_path("shared")
     record(queue, [("a", p), ("b", p)], spool_name="1.json")
     (item,) = queue.claim("b", 10, T0)
@@ -213,7 +214,7 @@ def test_claim_only_takes_items_of_that_cache(queue: Queue) -> None:
     assert states(queue) == {("a", "pending"): 1, ("b", "inflight"): 1}
 
 
-def test_claim_honours_due_time(queue: Queue) -> None:
+def test_claim_honours_due_time(queue: StateDb) -> None:
     p = store_path("due")
     record(queue, [("a", p)], spool_name="1.json")
     items = queue.claim("a", 1, T0)
@@ -228,7 +229,7 @@ def test_claim_honours_due_time(queue: Queue) -> None:
     assert queue.next_due_at("a") is None
 
 
-def test_split_batch_limit_caps_later_claims(queue: Queue) -> None:
+def test_split_batch_limit_caps_later_claims(queue: StateDb) -> None:
     paths = [store_path(f"s{i}") for i in range(8)]
     record(queue, [("a", p) for p in paths], spool_name="1.json")
     batch = queue.claim("a", 8, T0)
@@ -247,7 +248,7 @@ def test_split_batch_limit_caps_later_claims(queue: Queue) -> None:
     assert [i.path for i in second] == paths[4:]
 
 
-def test_limit_one_item_is_claimed_alone(queue: Queue) -> None:
+def test_limit_one_item_is_claimed_alone(queue: StateDb) -> None:
     fresh = [store_path(f"f{i}") for i in range(3)]
     single = store_path("single")
     record(queue, [("a", single)], spool_name="0.json")
@@ -269,7 +270,7 @@ def test_limit_one_item_is_claimed_alone(queue: Queue) -> None:
 # -- failures, dead letters, retry -------------------------------------------------------
 
 
-def test_mark_failed_counts_attempts_and_schedules_retry(queue: Queue) -> None:
+def test_mark_failed_counts_attempts_and_schedules_retry(queue: StateDb) -> None:
     paths = [store_path(f"m{i}") for i in range(3)]
     record(queue, [("a", p) for p in paths], spool_name="1.json")
     batch = queue.claim("a", 3, T0)
@@ -297,7 +298,7 @@ def test_mark_failed_counts_attempts_and_schedules_retry(queue: Queue) -> None:
     assert status.last_success_at is None
 
 
-def test_only_a_path_that_failed_alone_is_dead_lettered(queue: Queue) -> None:
+def test_only_a_path_that_failed_alone_is_dead_lettered(queue: StateDb) -> None:
     pair = [store_path("pair0"), store_path("pair1")]
     solo = store_path("solo")
     record(queue, [("a", p) for p in [*pair, solo]], spool_name="1.json")
@@ -335,7 +336,7 @@ def test_only_a_path_that_failed_alone_is_dead_lettered(queue: Queue) -> None:
     assert states(queue) == {("a", "dead"): 2, ("a", "inflight"): 1}
 
 
-def make_dead(queue: Queue, names: list[str], now: float = T0) -> list[Item]:
+def make_dead(queue: StateDb, names: list[str], now: float = T0) -> list[Item]:
     record(queue, [("a", store_path(n)) for n in names], spool_name=f"{names[0]}.json", now=now)
     dead: list[Item] = []
     for item in queue.claim("a", len(names), now):
@@ -346,7 +347,7 @@ def make_dead(queue: Queue, names: list[str], now: float = T0) -> list[Item]:
     return dead
 
 
-def test_retry_dead_by_id_and_all(queue: Queue) -> None:
+def test_retry_dead_by_id_and_all(queue: StateDb) -> None:
     dead = make_dead(queue, ["r0", "r1", "r2"])
     record(queue, [("a", store_path("alive"))], spool_name="alive.json")
     alive_id = row(queue, "a", store_path("alive"))["id"]
@@ -370,7 +371,7 @@ def test_retry_dead_by_id_and_all(queue: Queue) -> None:
     assert queue.retry_dead(None, T0 + 7) == 0
 
 
-def test_release_and_release_all_inflight(queue: Queue) -> None:
+def test_release_and_release_all_inflight(queue: StateDb) -> None:
     paths = [store_path(f"i{i}") for i in range(4)]
     record(queue, [("a", p) for p in paths], spool_name="1.json")
     claimed = queue.claim("a", 3, T0)
@@ -386,7 +387,7 @@ def test_release_and_release_all_inflight(queue: Queue) -> None:
     assert states(queue) == {("a", "pushed"): 1, ("a", "pending"): 3}
 
 
-def test_prune_removes_only_old_pushed_and_skipped(queue: Queue) -> None:
+def test_prune_removes_only_old_pushed_and_skipped(queue: StateDb) -> None:
     names = ["old-pushed", "old-skipped", "old-dead", "old-pending", "new-pushed"]
     paths = {n: store_path(n) for n in names}
     record(queue, [("a", paths[n]) for n in names[:4]], spool_name="old.json", now=T0)
@@ -404,23 +405,23 @@ def test_prune_removes_only_old_pushed_and_skipped(queue: Queue) -> None:
     left = {p for (p,) in queue.conn.execute("SELECT path FROM items")}
     assert left == {paths["old-dead"], paths["old-pending"], paths["new-pushed"]}
     # Both events still have items pointing at them.
-    assert queue.event_count() == 2
+    assert event_rows(queue) == 2
 
 
-def test_prune_forgets_old_events_without_items(queue: Queue) -> None:
+def test_prune_forgets_old_events_without_items(queue: StateDb) -> None:
     p = store_path("pruned")
     record(queue, [("a", p)], spool_name="old.json", now=T0)
     record(queue, [], spool_name="ignored.json", now=T0)  # an event that queued nothing
     queue.mark_pushed(queue.claim("a", 1, T0), T0 + 1)
     assert queue.prune(T0 + 100) == 1
-    assert queue.event_count() == 0
+    assert event_rows(queue) == 0
     assert queue.counts() == {}
 
 
 # -- status ------------------------------------------------------------------------------
 
 
-def test_counts_oldest_pending_and_cache_statuses(queue: Queue) -> None:
+def test_counts_oldest_pending_and_cache_statuses(queue: StateDb) -> None:
     pa = [store_path(f"oa{i}") for i in range(3)]
     record(queue, [("a", pa[0])], spool_name="1.json", now=T0)
     record(queue, [("a", pa[1]), ("a", pa[2])], spool_name="2.json", now=T0 + 10)
@@ -449,7 +450,7 @@ def test_counts_oldest_pending_and_cache_statuses(queue: Queue) -> None:
     assert statuses["b"].last_success_at is None
 
 
-def test_dead_letters_newest_first_with_limit(queue: Queue) -> None:
+def test_dead_letters_newest_first_with_limit(queue: StateDb) -> None:
     first = make_dead(queue, ["dl0"], now=T0)
     second = make_dead(queue, ["dl1"], now=T0 + 10)
     third = make_dead(queue, ["dl2"], now=T0 + 20)
@@ -470,7 +471,7 @@ def test_dead_letters_newest_first_with_limit(queue: Queue) -> None:
 # -- log offsets, database file ----------------------------------------------------------
 
 
-def test_log_offsets_are_saved_and_survive_reopen(queue: Queue, db_path: Path) -> None:
+def test_log_offsets_are_saved_and_survive_reopen(queue: StateDb, db_path: Path) -> None:
     assert queue.log_offset("/var/log/x") is None
     with queue.transaction():
         queue.save_log_offset("/var/log/x", LogOffset(1, 2, 300), T0)
@@ -480,14 +481,14 @@ def test_log_offsets_are_saved_and_survive_reopen(queue: Queue, db_path: Path) -
     assert queue.log_offset("/var/log/x") == LogOffset(1, 9, 12)
     assert queue.log_offset("/var/log/other") is None
     queue.close()
-    reopened = Queue(db_path)
+    reopened = StateDb(db_path)
     try:
         assert reopened.log_offset("/var/log/x") == LogOffset(1, 9, 12)
     finally:
         reopened.close()
 
 
-def test_database_is_in_wal_mode_and_durable(queue: Queue, db_path: Path) -> None:
+def test_database_is_in_wal_mode_and_durable(queue: StateDb, db_path: Path) -> None:
     record(queue, [("a", store_path("wal"))], spool_name="1.json")
     assert queue.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert queue.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -501,11 +502,11 @@ def test_database_is_in_wal_mode_and_durable(queue: Queue, db_path: Path) -> Non
     assert queue.ping()
 
 
-def test_committed_rows_are_visible_to_a_new_connection(queue: Queue, db_path: Path) -> None:
+def test_committed_rows_are_visible_to_a_new_connection(queue: StateDb, db_path: Path) -> None:
     p = store_path("durable")
     record(queue, [("a", p)], spool_name="1.json")
     queue.close()
-    again = Queue(db_path)
+    again = StateDb(db_path)
     try:
         assert again.seen_spool_file("1.json")
         assert [i.path for i in again.claim("a", 5, T0)] == [p]
@@ -516,8 +517,8 @@ def test_committed_rows_are_visible_to_a_new_connection(queue: Queue, db_path: P
 def test_corrupt_database_file_gives_a_queue_error_with_recovery_advice(tmp_path: Path) -> None:
     path = tmp_path / "queue.sqlite3"
     path.write_bytes(b"this is not a database, just garbage bytes\x00\xff" * 200)
-    with pytest.raises(QueueError) as caught:
-        Queue(path)
+    with pytest.raises(StateDbError) as caught:
+        StateDb(path)
     message = str(caught.value)
     assert str(path) in message
     assert "corrupt" in message
@@ -526,26 +527,26 @@ def test_corrupt_database_file_gives_a_queue_error_with_recovery_advice(tmp_path
 
 
 def test_database_with_another_schema_version_is_refused(db_path: Path) -> None:
-    Queue(db_path).close()
+    StateDb(db_path).close()
     conn = sqlite3.connect(db_path)
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(QueueError, match="schema 99"):
-        Queue(db_path)
+    with pytest.raises(StateDbError, match="schema 99"):
+        StateDb(db_path)
 
 
 def test_unusable_database_location_gives_a_queue_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(QueueError, match="cannot open queue database"):
-        Queue(blocker / "sub" / "queue.sqlite3")
+    with pytest.raises(StateDbError, match="cannot open queue database"):
+        StateDb(blocker / "sub" / "queue.sqlite3")
 
 
 # -- trigger-maintained counts -------------------------------------------------------------
 
 
-def true_counts(queue: Queue) -> dict[tuple[str, str], int]:
+def true_counts(queue: StateDb) -> dict[tuple[str, str], int]:
     return {
         (cache, state): n
         for cache, state, n in queue.conn.execute(
@@ -554,7 +555,7 @@ def true_counts(queue: Queue) -> dict[tuple[str, str], int]:
     }
 
 
-def test_counts_follow_every_state_change(queue: Queue) -> None:
+def test_counts_follow_every_state_change(queue: StateDb) -> None:
     paths = [store_path(f"count{i}") for i in range(12)]
     record(queue, [("a", p) for p in paths] + [("b", p) for p in paths[:3]], spool_name="e1")
     assert queue.counts() == true_counts(queue) == {("a", "pending"): 12, ("b", "pending"): 3}
@@ -584,7 +585,7 @@ def test_counts_follow_every_state_change(queue: Queue) -> None:
 
 
 def test_counts_are_backfilled_for_a_database_made_before_them(db_path: Path) -> None:
-    queue = Queue(db_path)
+    queue = StateDb(db_path)
     paths = [store_path(f"old{i}") for i in range(5)]
     record(queue, [("a", p) for p in paths], spool_name="old")
     queue.mark_pushed(queue.claim("a", 2, T0), T0)
@@ -593,12 +594,12 @@ def test_counts_are_backfilled_for_a_database_made_before_them(db_path: Path) ->
         " DROP TRIGGER item_counts_delete; DROP TABLE item_counts;"
     )
     queue.close()
-    reopened = Queue(db_path)
+    reopened = StateDb(db_path)
     assert reopened.counts() == {("a", "pending"): 3, ("a", "pushed"): 2}
     reopened.close()
 
 
-def test_release_orphans_frees_only_old_unheld_inflight_items(queue: Queue) -> None:
+def test_release_orphans_frees_only_old_unheld_inflight_items(queue: StateDb) -> None:
     paths = [store_path(f"orphan{i}") for i in range(4)]
     record(queue, [("a", p) for p in paths], spool_name="o")
     old = queue.claim("a", 2, T0)
@@ -614,14 +615,14 @@ def test_release_orphans_frees_only_old_unheld_inflight_items(queue: Queue) -> N
 
 
 def test_cache_health_is_up_until_recorded_and_survives_reopening(
-    queue: Queue, db_path: Path
+    queue: StateDb, db_path: Path
 ) -> None:
     assert queue.cache_health() == {}
     [status] = queue.cache_statuses(["c"])
     assert status.health == CacheHealth("c") and status.health.up
     down = CacheHealth("c", down_since=T0, next_try_at=T0 + 2, failures=3, last_error="503")
     queue.save_cache_health(down, T0, failed=True)
-    reopened = Queue(db_path, create=False)
+    reopened = StateDb(db_path, create=False)
     try:
         assert reopened.cache_health() == {"c": down}
         [status] = reopened.cache_statuses(["c"])
@@ -631,7 +632,7 @@ def test_cache_health_is_up_until_recorded_and_survives_reopening(
         reopened.close()
 
 
-def test_claim_probe_takes_one_item_even_before_it_is_due(queue: Queue) -> None:
+def test_claim_probe_takes_one_item_even_before_it_is_due(queue: StateDb) -> None:
     a, b = store_path("a"), store_path("b")
     record(queue, [("c", a), ("c", b)], spool_name="e.json")
     queue.conn.execute("UPDATE items SET next_attempt_at = ? WHERE path = ?", (T0 + 999, a))
@@ -645,7 +646,7 @@ def test_claim_probe_takes_one_item_even_before_it_is_due(queue: Queue) -> None:
     assert queue.claim_probe("other", T0) == []
 
 
-def test_defer_counts_no_attempt_and_rotates_the_probe(queue: Queue) -> None:
+def test_defer_counts_no_attempt_and_rotates_the_probe(queue: StateDb) -> None:
     a, b = store_path("a"), store_path("b")
     record(queue, [("c", a), ("c", b)], spool_name="e.json")
     [probe] = queue.claim_probe("c", T0)
@@ -660,7 +661,7 @@ def test_defer_counts_no_attempt_and_rotates_the_probe(queue: Queue) -> None:
     assert queue.has_pending("c") and not queue.has_pending("x")
 
 
-def test_coming_up_makes_waiting_items_due_now(queue: Queue) -> None:
+def test_coming_up_makes_waiting_items_due_now(queue: StateDb) -> None:
     a, b = store_path("a"), store_path("b")
     record(queue, [("c", a), ("d", b)], spool_name="e.json")
     queue.conn.execute("UPDATE items SET next_attempt_at = ?", (T0 + 900,))
@@ -671,7 +672,7 @@ def test_coming_up_makes_waiting_items_due_now(queue: Queue) -> None:
     assert row(queue, "d", b)["next_attempt_at"] == T0 + 900  # other caches untouched
 
 
-def test_recently_pushed_is_newest_first_per_cache(queue: Queue) -> None:
+def test_recently_pushed_is_newest_first_per_cache(queue: StateDb) -> None:
     paths = [store_path(f"p{i}") for i in range(4)]
     record(queue, [("c", p) for p in paths] + [("d", paths[0])], spool_name="e.json")
     items = queue.claim("c", 10, T0)
