@@ -17,6 +17,7 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.hydradb import HydraReader, connect
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
+from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
@@ -81,7 +82,12 @@ def catch_up_rate(work: Path, builds: int, instant_cache: str) -> tuple[float, f
             state.advance((stop_from - 1, 0), time.time())
         metrics, db_metrics = _metrics()
         source = HydraDbSource(
-            config, queue, metrics, db_metrics, SystemClock(), stop=threading.Event()
+            config,
+            queue,
+            Intake(config.rules, metrics, SystemClock()),
+            db_metrics,
+            SystemClock(),
+            stop=threading.Event(),
         )
         conn = connect(config.hydra_db)
         try:

@@ -6,12 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.clock import Clock
-from bridge.config import Config
 from bridge.hydradb import HydraReader
 from bridge.hydrasource import HydraRecorder
-from bridge.matching import match_event
+from bridge.intake import Intake
 from bridge.statedb import StateDb
-from exporter.metrics import BridgeMetrics
 
 SOURCE = "backfill"
 PAGE = 2000
@@ -52,15 +50,14 @@ class Backfill:
 
     def __init__(
         self,
-        config: Config,
         reader: HydraReader,
         queue: StateDb,
-        metrics: BridgeMetrics,
+        intake: Intake,
         clock: Clock,
     ) -> None:
-        self.config = config
         self.reader = reader
-        self.recorder = HydraRecorder(config, queue, metrics, clock, source=SOURCE)
+        self.intake = intake
+        self.recorder = HydraRecorder(queue, intake, clock, source=SOURCE)
 
     def resolve(self, selection: Selection) -> tuple[int, int | None]:
         """(jobset id, evaluation id or None), checked against Hydra's database."""
@@ -105,7 +102,7 @@ class Backfill:
                 report.recorded += len(events)
             report.skipped += len(rows) - len(events) - rejected
             for event in events:
-                result = match_event(event, self.config.rules)
+                result = self.intake.match(event)
                 if result.ignored_reason is not None:
                     reason = result.ignored_reason
                     report.ignored[reason] = report.ignored.get(reason, 0) + 1

@@ -286,7 +286,9 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
             CacheStatus(name, dict.fromkeys(STATES, 0), None, None, None, None)
             for name in config.caches
         ]
-    running = _daemon_running(config)
+    from bridge.statelock import daemon_running
+
+    running = daemon_running(config.state_dir)
     rejected = summarize(SpoolLayout(config.spool_dir))
     source = _hydra_db_status(config) if config.hydra_db is not None else None
     if as_json:
@@ -316,24 +318,6 @@ def _hydra_db_status(config: Config) -> SourceStatus | None:
         queue.close()
 
 
-def _daemon_running(config: Config) -> bool:
-    import fcntl
-
-    from bridge.daemon import lock_path
-
-    try:
-        fd = os.open(lock_path(config.state_dir), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 @main.command()
 @config_option
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead-lettered path.")
@@ -343,6 +327,7 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
     import time
 
     from bridge.statedb import StateDb, StateDbError
+    from bridge.statelock import daemon_running
 
     if retry_all == bool(ids):
         _fail("give either --all or one or more IDs (see `hydra-cachix-bridge status`)", 2)
@@ -357,6 +342,11 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
         queue.close()
     _log_retry(config, count, "all" if retry_all else ", ".join(f"#{i}" for i in ids))
     click.echo(f"{count} dead-lettered path(s) queued again")
+    if count and not daemon_running(config.state_dir):
+        click.echo(
+            "the daemon is not running: they are pushed when it starts "
+            "(systemctl start hydra-cachix-bridge)"
+        )
     if ids and count < len(ids):
         _fail(f"{len(ids) - count} of the IDs given are not dead letters")
 
@@ -431,6 +421,7 @@ def backfill(
     from bridge.backfill import Backfill, BackfillError, Selection
     from bridge.clock import SystemClock
     from bridge.hydradb import HydraReader, connect
+    from bridge.intake import Intake
     from bridge.render import render_backfill
     from bridge.secrets import SecretError
     from bridge.statedb import StateDb, StateDbError
@@ -448,9 +439,9 @@ def backfill(
         conn.close()
         _fail(str(exc))
     try:
-        job = Backfill(
-            config, HydraReader(conn), queue, _offline_metrics(CollectorRegistry()), SystemClock()
-        )
+        clock = SystemClock()
+        intake = Intake(config.rules, _offline_metrics(CollectorRegistry()), clock)
+        job = Backfill(HydraReader(conn), queue, intake, clock)
         total = job.count(selection)
         label = "counting" if dry_run else "recording"
         with click.progressbar(length=total, label=f"{label} {total} build(s)") as bar:

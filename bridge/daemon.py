@@ -1,16 +1,13 @@
-"""The daemon: wires spool watching, ingest, log following, push workers and metrics."""
+"""The daemon: wires the sources, the intake, the push workers and metrics, and supervises them."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import random
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +18,7 @@ from bridge.config import Config
 from bridge.events import REJECT_REASONS, SOURCES
 from bridge.heartbeat import Heartbeat
 from bridge.ingest import Ingestor
+from bridge.intake import Intake
 from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
 from bridge.matching import IGNORE_REASONS
@@ -29,6 +27,7 @@ from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
 from bridge.spool import SpoolLayout
 from bridge.statedb import STATES, StateDb, StateDbUnavailable
+from bridge.statelock import StateLock, StateLocked, lock_path
 from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
 from bridge.worker import SKIP_REASONS, PushWorkers
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 PRUNE_INTERVAL_SECONDS = 3600.0
 ORPHAN_CHECK_SECONDS = 60.0
 TICK_SECONDS = 1.0
-DEFERRED_RECHECK_SECONDS = 1.0
 # A busy ingest loop that reads no file for this long is stalled: /healthz turns 503 and
 # the watchdog is no longer fed. Above the store query timeout, the longest a single
 # event may legitimately take (an output lookup by `nix-store`).
@@ -101,7 +99,7 @@ class Daemon:
             self.hydra_db_metrics = HydraDbMetrics(self.registry)
         self.stopping = threading.Event()
         self.notifications: SimpleQueue[Notification | None] = SimpleQueue()
-        self._lock_fd: int | None = None
+        self._lock = StateLock(config.state_dir)
         self._threads: list[threading.Thread] = []
         self._scrape_lock = threading.Lock()
         self._scrape_queue: StateDb | None = None
@@ -109,6 +107,7 @@ class Daemon:
         self.watcher: SpoolWatcher | None = None
         self.workers: PushWorkers | None = None
         self.server: MetricsServer | None = None
+        self.intake: Intake | None = None
         self.ingestor: Ingestor | None = None
         self.follower: LogFollower | None = None
         self.ready = threading.Event()
@@ -120,111 +119,62 @@ class Daemon:
 
     def start(self) -> None:
         """Take the state lock, recover, scan the spool and start every thread."""
-        config = self.config
-        if config.hydra_db is not None:
+        if self.config.hydra_db is not None:
             require_hydra_db_driver()
-        try:
-            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.layout.ensure(config.spool.group_writable)
-        except OSError as exc:
-            raise DaemonError(
-                f"cannot create or set the mode of {exc.filename}: {exc.strerror} (create the "
-                "spool with systemd-tmpfiles, see hydra-cachix-bridge.tmpfiles.conf in contrib/)"
-            ) from None
+        self._prepare_directories()
         self._take_lock()
-        # Used by start() and later by run_until()/shutdown(), which may be another thread.
         self._queue = self._open_queue_patiently()
-        try:
-            released = self._queue.release_all_inflight(self.clock.time())
-            if released:
-                log.warning(
-                    "%d path(s) were in flight when the last run stopped; queued again", released
-                )
-            self._restore_gauges(self._queue)
-        except sqlite3.Error as exc:
-            # A full disk: in-flight items come back through the orphan check later.
-            log.error("cannot recover the last run's in-flight items yet: %s", exc)
+        self._recover(self._queue)
         self._scrape_queue = self._open_queue_patiently()
         self.registry.register(
-            QueueCollector(self._read_queue, config.caches, STATES, self.clock.time)
+            QueueCollector(self._read_queue, self.config.caches, STATES, self.clock.time)
         )
-        self.workers = PushWorkers(
-            settings=config.push,
-            caches=config.caches,
-            backends=self.backends,
-            queue_factory=lambda: StateDb(config.database_path, durable=False),
-            store=self.store,
-            metrics=self.metrics,
-            clock=self.clock,
-            rng=self.rng,
-        )
+        self.workers = self._make_workers()
+        self.intake = Intake(self.config.rules, self.metrics, self.clock, self.workers.wake)
         self.ingestor = Ingestor(
-            config, self._queue, self.store, self.metrics, self.clock, on_enqueued=self.workers.wake
+            self.config,
+            self._open_queue_patiently(),
+            self.store,
+            self.intake,
+            self.clock,
+            stop=self.stopping,
+            heartbeat=self.ingest_heartbeat,
         )
-        if self.serve_metrics:
-            try:
-                self.server = MetricsServer(
-                    self.registry,
-                    self.health,
-                    address=config.metrics.listen_address,
-                    port=config.metrics.port,
-                    version=__version__,
-                    tls_cert_file=config.metrics.tls_cert_file,
-                    tls_key_file=config.metrics.tls_key_file,
-                    landing=self.landing_page,
-                )
-            except OSError as exc:
-                raise DaemonError(
-                    f"cannot serve metrics on {config.metrics.listen_address}:"
-                    f"{config.metrics.port}: {exc.strerror}"
-                ) from None
-            self.server.start()
-            log.info(
-                "metrics on http%s://%s:%d/metrics",
-                "s" if config.metrics.tls_cert_file else "",
-                config.metrics.listen_address,
-                self.server.port,
-            )
-        # Watch first, then scan: a file arriving in between is seen by one or the other.
-        self.watcher = SpoolWatcher(
-            self.layout.incoming, self.notifications, also=(self.layout.hook,)
-        )
-        self.watcher.start()
-        self.metrics.spool_watch_alive.set(1)
-        try:
-            stats = self.ingestor.ingest(self.ingestor.scan())
-        except Exception as exc:
-            # E.g. the state filesystem is full: the files stay, the ingest loop retries.
-            log.error("initial spool scan failed (%s); the files stay in the spool", exc)
-            self.notifications.put(None)
-        else:
-            log.info(
-                "initial spool scan: %d event(s) recorded, %d quarantined",
-                stats.recorded,
-                stats.quarantined,
-            )
-            try:
-                self.ingestor.check_quarantine()
-            except Exception as exc:
-                log.error("cannot check quarantine/ for rejected events yet: %s", exc)
+        self._serve_metrics()
+        self._watch_and_scan(self.ingestor)
         self.workers.start()
-        self._spawn(self._ingest_loop, "ingest")
-        if config.log_sources:
-            self._spawn(self._follow_loop, "log-follower")
-        if config.hydra_db is not None:
-            self._spawn(self._hydra_db_loop, "hydra-db")
+        self._start_sources(self.ingestor, self.intake)
         self.ready.set()
         sd_notify(f"READY=1\nSTATUS=watching {self.layout.incoming}")
         log.info(
             "hydra-cachix-bridge %s ready: spool %s, %d cache(s), %d worker(s)",
             __version__,
-            config.spool_dir,
-            len(config.caches),
-            config.push.workers,
+            self.config.spool_dir,
+            len(self.config.caches),
+            self.config.push.workers,
         )
 
+    def _prepare_directories(self) -> None:
+        try:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.layout.ensure(self.config.spool.group_writable)
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot create or set the mode of {exc.filename}: {exc.strerror} (create the "
+                "spool with systemd-tmpfiles, see hydra-cachix-bridge.tmpfiles.conf in contrib/)"
+            ) from None
+
+    def _take_lock(self) -> None:
+        try:
+            self._lock.acquire()
+        except StateLocked as exc:
+            raise DaemonError(str(exc)) from None
+        except OSError as exc:
+            path = lock_path(self.config.state_dir)
+            raise DaemonError(f"cannot open the lock file {path}: {exc.strerror}") from None
+
     def _open_queue_patiently(self) -> StateDb:
-        """Open the queue, waiting while it cannot be opened for now (e.g. a full disk)."""
+        """Open the state database, waiting while it cannot be opened for now (a full disk)."""
         backoff = FailureBackoff("opening the queue database", log, initial=2.0)
         while True:
             try:
@@ -237,32 +187,113 @@ class Daemon:
             backoff.succeeded()
             return queue
 
-    def _take_lock(self) -> None:
-        path = lock_path(self.config.state_dir)
+    def _recover(self, queue: StateDb) -> None:
+        """Queue again what the last run left in flight; restore the per-cache gauges."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            released = queue.release_all_inflight(self.clock.time())
+            if released:
+                log.warning(
+                    "%d path(s) were in flight when the last run stopped; queued again", released
+                )
+            for status in queue.cache_statuses(self.config.caches):
+                if status.cache not in self.config.caches:
+                    continue
+                if status.last_success_at is not None:
+                    self.metrics.last_success.labels(status.cache).set(status.last_success_at)
+                if status.last_failure_at is not None:
+                    self.metrics.last_failure.labels(status.cache).set(status.last_failure_at)
+        except sqlite3.Error as exc:
+            # A full disk: in-flight items come back through the orphan check later.
+            log.error("cannot recover the last run's in-flight items yet: %s", exc)
+
+    def _make_workers(self) -> PushWorkers:
+        config = self.config
+        return PushWorkers(
+            settings=config.push,
+            caches=config.caches,
+            backends=self.backends,
+            queue_factory=lambda: StateDb(config.database_path, durable=False),
+            store=self.store,
+            metrics=self.metrics,
+            clock=self.clock,
+            rng=self.rng,
+        )
+
+    def _serve_metrics(self) -> None:
+        if not self.serve_metrics:
+            return
+        settings = self.config.metrics
+        try:
+            self.server = MetricsServer(
+                self.registry,
+                self.health,
+                address=settings.listen_address,
+                port=settings.port,
+                version=__version__,
+                tls_cert_file=settings.tls_cert_file,
+                tls_key_file=settings.tls_key_file,
+                landing=self.landing_page,
+            )
         except OSError as exc:
-            raise DaemonError(f"cannot open the lock file {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
             raise DaemonError(
-                f"another hydra-cachix-bridge daemon is using {self.config.state_dir}"
+                f"cannot serve metrics on {settings.listen_address}:{settings.port}: {exc.strerror}"
             ) from None
-        self._lock_fd = fd
+        self.server.start()
+        log.info(
+            "metrics on http%s://%s:%d/metrics",
+            "s" if settings.tls_cert_file else "",
+            settings.listen_address,
+            self.server.port,
+        )
 
-    def _restore_gauges(self, queue: StateDb) -> None:
-        for status in queue.cache_statuses(self.config.caches):
-            if status.cache not in self.config.caches:
-                continue
-            if status.last_success_at is not None:
-                self.metrics.last_success.labels(status.cache).set(status.last_success_at)
-            if status.last_failure_at is not None:
-                self.metrics.last_failure.labels(status.cache).set(status.last_failure_at)
+    def _watch_and_scan(self, ingestor: Ingestor) -> None:
+        # Watch first, then scan: a file arriving in between is seen by one or the other.
+        self.watcher = SpoolWatcher(
+            self.layout.incoming, self.notifications, also=(self.layout.hook,)
+        )
+        self.watcher.start()
+        self.metrics.spool_watch_alive.set(1)
+        try:
+            stats = ingestor.ingest(ingestor.scan())
+        except Exception as exc:
+            # E.g. the state filesystem is full: the files stay, the ingest loop retries.
+            log.error("initial spool scan failed (%s); the files stay in the spool", exc)
+            self.notifications.put(None)
+            return
+        log.info(
+            "initial spool scan: %d event(s) recorded, %d quarantined",
+            stats.recorded,
+            stats.quarantined,
+        )
+        try:
+            ingestor.check_quarantine()
+        except Exception as exc:
+            log.error("cannot check quarantine/ for rejected events yet: %s", exc)
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+    def _start_sources(self, ingestor: Ingestor, intake: Intake) -> None:
+        self._spawn("ingest", self._ingest_loop, ingestor)
+        if self.config.log_sources:
+            queue = StateDb(self.config.database_path, shared=True)
+            self.follower = LogFollower(self.config, queue, intake, self.clock, store=self.store)
+            self._spawn("log-follower", self._follow_loop, self.follower)
+        if self.config.hydra_db is not None:
+            self._spawn("hydra-db", self._hydra_db_loop, intake)
+
+    def _ingest_loop(self, ingestor: Ingestor) -> None:
+        try:
+            ingestor.run(self.notifications, self.stopping)
+        finally:
+            ingestor.queue.close()
+
+    def _follow_loop(self, follower: LogFollower) -> None:
+        try:
+            follower.run(self.stopping)
+        finally:
+            follower.close()
+            follower.queue.close()
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -272,111 +303,15 @@ class Daemon:
                 return {}, {}
             return self._scrape_queue.counts(), self._scrape_queue.oldest_pending()
 
-    # -- loops ----------------------------------------------------------------------------
-
-    def _ingest_loop(self) -> None:
-        assert self.workers is not None
-        queue = StateDb(self.config.database_path)
-        ingestor = Ingestor(
-            self.config,
-            queue,
-            self.store,
-            self.metrics,
-            self.clock,
-            on_enqueued=self.workers.wake,
-            stop=self.stopping,
-            progress=self.ingest_heartbeat.beat,
-        )
-        try:
-            self._ingest_until_stopped(ingestor)
-        finally:
-            queue.close()
-
-    def _ingest_until_stopped(self, ingestor: Ingestor) -> None:
-        next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
-        backoff = FailureBackoff("ingest pass", log)
-        while not self.stopping.is_set():
-            timeout = max(0.0, next_rescan - self.clock.monotonic())
-            batch: list[Notification] = []
-            self.ingest_heartbeat.idle()
-            try:
-                # None asks for a rescan now (watch restored, or a failed initial scan).
-                first = self.notifications.get(timeout=timeout)
-                if first is None:
-                    next_rescan = self.clock.monotonic()
-                else:
-                    batch.append(first)
-                while True:
-                    more = self.notifications.get_nowait()
-                    if more is None:
-                        next_rescan = self.clock.monotonic()
-                    else:
-                        batch.append(more)
-            except Empty:
-                pass
-            if self.stopping.is_set():
-                break
-            self.ingest_heartbeat.busy()
-            try:
-                closed = list(dict.fromkeys(path for path, final in batch if final))
-                created = [p for p in dict.fromkeys(p for p, _ in batch) if p not in closed]
-                deferred = ingestor.ingest(closed, writer_closed=True).deferred
-                deferred += ingestor.ingest(created).deferred
-                if self.clock.monotonic() >= next_rescan:
-                    deferred += ingestor.ingest(ingestor.scan()).deferred
-                    ingestor.check_quarantine()
-                    next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
-                if deferred:
-                    next_rescan = min(
-                        next_rescan, self.clock.monotonic() + DEFERRED_RECHECK_SECONDS
-                    )
-            except Exception as exc:
-                # Files stay in the spool; the rescan after the pause picks them up.
-                next_rescan = self.clock.monotonic() + backoff.failed(exc)
-            else:
-                backoff.succeeded()
-
-    def _follow_loop(self) -> None:
-        queue = StateDb(self.config.database_path)
-        assert self.ingestor is not None and self.workers is not None
-        self.follower = LogFollower(
-            self.config,
-            queue,
-            self.clock,
-            count_event=self.ingestor.count_event,
-            store=self.store,
-        )
-        try:
-            while not self.stopping.is_set():
-                try:
-                    if self.follower.poll():
-                        self.workers.wake()
-                except Exception:
-                    log.exception("log follower pass failed; retrying")
-                sources = self.config.log_sources
-                for source, readable in zip(sources, self.follower.readable(), strict=True):
-                    self.metrics.log_sources_alive.labels(str(source.path)).set(int(readable))
-                self.stopping.wait(self.config.log_poll_seconds)
-        finally:
-            self.follower.close()
-            queue.close()
-
-    def _hydra_db_loop(self) -> None:
+    def _hydra_db_loop(self, intake: Intake) -> None:
         from bridge.hydrasource import HydraDbSource
 
-        assert self.workers is not None and self.hydra_db_metrics is not None
+        assert self.hydra_db_metrics is not None
         queue = StateDb(self.config.database_path)
         try:
-            source = HydraDbSource(
-                self.config,
-                queue,
-                self.metrics,
-                self.hydra_db_metrics,
-                self.clock,
-                stop=self.stopping,
-                on_enqueued=self.workers.wake,
-            )
-            source.run()
+            HydraDbSource(
+                self.config, queue, intake, self.hydra_db_metrics, self.clock, stop=self.stopping
+            ).run()
         finally:
             queue.close()
 
@@ -525,9 +460,7 @@ class Daemon:
             if self._scrape_queue is not None:
                 self._scrape_queue.close()
                 self._scrape_queue = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
         log.info("stopped")
 
 
@@ -540,8 +473,3 @@ def require_hydra_db_driver() -> None:
             "[hydra_db] needs the PostgreSQL driver psycopg 3: install "
             "'hydra-cachix-bridge[hydra-db]' (or psycopg[binary]>=3.2)"
         ) from None
-
-
-def lock_path(state_dir: Path) -> Path:
-    """The file whose lock marks a running daemon."""
-    return state_dir / "daemon.lock"

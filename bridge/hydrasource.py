@@ -28,11 +28,12 @@ from bridge.config import Config, HydraDbSettings
 from bridge.events import Event, EventRejected
 from bridge.hydradb import BuildRow, HydraReader, connect, parse_notification, to_event
 from bridge.hydrastate import HydraState, SeenKey
-from bridge.intake import count_recorded, record_events
+from bridge.intake import Intake, Recorded
 from bridge.retrying import FailureBackoff
 from bridge.secrets import SecretError
 from bridge.statedb import StateDb
-from exporter.metrics import BridgeMetrics, HydraDbMetrics
+from exporter.metrics import HydraDbMetrics
+from exporter.vocabulary import RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,18 @@ class HydraRecorder:
 
     def __init__(
         self,
-        config: Config,
         queue: StateDb,
-        metrics: BridgeMetrics,
+        intake: Intake,
         clock: Clock,
         *,
         source: str = SOURCE,
-        on_enqueued: Callable[[], None] = lambda: None,
     ) -> None:
-        self.config = config
         self.queue = queue
         self.state = HydraState(queue.conn)
         self.state.ensure_schema()
-        self.metrics = metrics
+        self.intake = intake
         self.clock = clock
         self.source = source
-        self.on_enqueued = on_enqueued
 
     def record(
         self,
@@ -98,29 +95,23 @@ class HydraRecorder:
         if dry_run:
             return events, len(rejected)
         with self.queue.transaction():
-            recorded = record_events(self.queue, events, self.config.rules, now)
+            recorded = [self._record(event) for event in events]
             self.state.mark_seen(self.source, new, now)
             if events:
                 self.state.note_newest(max(int(e.finished_at or 0) for e in events))
             if advance_to is not None:
                 self.state.advance(advance_to, now)
         for message in rejected:
-            self.metrics.events_rejected.labels("invalid_build_row").inc()
+            self.intake.count_rejected(RejectReason.INVALID_BUILD_ROW)
             log.warning("skipped a build row Hydra's database holds: %s", message)
-        if count_recorded(self.metrics, recorded, now):
-            self.on_enqueued()
-        for item in recorded:
-            log.info(
-                "build %d %s:%s:%s from %s: %s, %d path(s) queued",
-                item.event.build_id,
-                item.event.project,
-                item.event.jobset,
-                item.event.job,
-                self.source,
-                item.outcome,
-                sum(item.enqueued.values()),
-            )
+        self.intake.announce(recorded)
         return events, len(rejected)
+
+    def _record(self, event: Event) -> Recorded:
+        origin = f"build {event.build_id} {event.project}:{event.jobset}:{event.job}"
+        recorded = self.intake.record(self.queue, event, origin=origin)
+        assert recorded is not None  # only spool files are duplicate rows
+        return recorded
 
 
 class HydraDbSource:
@@ -130,17 +121,16 @@ class HydraDbSource:
         self,
         config: Config,
         queue: StateDb,
-        metrics: BridgeMetrics,
+        intake: Intake,
         db_metrics: HydraDbMetrics,
         clock: Clock,
         *,
         stop: threading.Event,
-        on_enqueued: Callable[[], None] = lambda: None,
         connector: Connector = connect,
     ) -> None:
         assert config.hydra_db is not None
         self.settings = config.hydra_db
-        self.recorder = HydraRecorder(config, queue, metrics, clock, on_enqueued=on_enqueued)
+        self.recorder = HydraRecorder(queue, intake, clock)
         self.state = self.recorder.state
         self.db_metrics = db_metrics
         self.clock = clock

@@ -1,4 +1,5 @@
-"""Turn spool event files into recorded events and queued (cache, path) items."""
+"""The spool intake: read, validate and resolve event files, hand them to the intake path,
+quarantine the bad ones; and the loop that batches watch notifications and rescans."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, SimpleQueue
 
 from bridge.clock import Clock
 from bridge.config import Config
-from bridge.describe import describe_queued
 from bridge.events import Event, EventRejected, decode_json, parse_spool_document
-from bridge.intake import count_event
-from bridge.matching import match_event
+from bridge.heartbeat import Heartbeat
+from bridge.intake import Intake, Recorded
+from bridge.logsetup import printable
 from bridge.quarantine import RejectionCounter
+from bridge.retrying import FailureBackoff
 from bridge.safeopen import is_transient
 from bridge.spool import (
     EventFile,
@@ -32,7 +35,7 @@ from bridge.spool import (
 )
 from bridge.statedb import StateDb
 from bridge.store import NixStore, StoreQueryError
-from exporter.metrics import BridgeMetrics
+from bridge.watcher import Notification
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 # give it this long, or until its writer closes it, before it is quarantined.
 SETTLE_SECONDS = 5.0
 FILES_PER_TRANSACTION = 500
+# A file that was deferred (settling, or the machine could not read it) is looked at again
+# this soon, instead of at the next full rescan.
+DEFERRED_RECHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -57,8 +63,6 @@ class IngestStats:
 class _Accepted:
     path: Path
     event: Event
-    targets: tuple[tuple[str, str], ...]
-    outcome: str
     # The SHA-256 of the file's content: with the name, what makes it a duplicate.
     digest: str | None = None
     # A hook file's (inode, mtime_ns, size): hook files stay, the daemon remembers them.
@@ -66,38 +70,70 @@ class _Accepted:
 
 
 class Ingestor:
-    """Reads, validates, matches and records event files; quarantines the bad ones."""
+    """Reads and validates event files, records them through the intake, quarantines the
+    bad ones; `run` is the ingest loop."""
 
     def __init__(
         self,
         config: Config,
         queue: StateDb,
         store: NixStore,
-        metrics: BridgeMetrics,
+        intake: Intake,
         clock: Clock,
-        on_enqueued: Callable[[], None] = lambda: None,
+        *,
         stop: threading.Event | None = None,
-        progress: Callable[[], None] = lambda: None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.stop = stop
-        self.progress = progress
         self.config = config
         self.layout = SpoolLayout.of(config)
         self.queue = queue
         self.store = store
-        self.metrics = metrics
+        self.intake = intake
         self.clock = clock
-        self.on_enqueued = on_enqueued
-        self.rejections = RejectionCounter(
-            self.layout,
-            queue,
-            lambda reason: metrics.events_rejected.labels(reason).inc(),
-            clock.time,
-        )
+        self.heartbeat = heartbeat or Heartbeat(clock.monotonic, float("inf"))
+        self.rejections = RejectionCounter(self.layout, queue, intake.count_rejected, clock.time)
         # Hook files consumed so far (loaded from the database on first use).
         self._hook_seen: dict[str, tuple[int, int, int]] | None = None
         self._hook_problem: str | None = None
         self._incoming_private = False
+
+    def run(self, notifications: SimpleQueue[Notification | None], stop: threading.Event) -> None:
+        """Ingest what the watch reports, batched, and rescan the spool every rescan_seconds
+        (sooner after a deferred file, at once on a None notification) until stop is set."""
+        next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
+        backoff = FailureBackoff("ingest pass", log)
+        while not stop.is_set():
+            self.heartbeat.idle()
+            batch, rescan_now = _next_batch(
+                notifications, max(0.0, next_rescan - self.clock.monotonic())
+            )
+            if rescan_now:
+                next_rescan = self.clock.monotonic()
+            if stop.is_set():
+                break
+            self.heartbeat.busy()
+            try:
+                next_rescan = self._pass(batch, next_rescan)
+            except Exception as exc:
+                # Files stay in the spool; the rescan after the pause picks them up.
+                next_rescan = self.clock.monotonic() + backoff.failed(exc)
+            else:
+                backoff.succeeded()
+
+    def _pass(self, batch: list[Notification], next_rescan: float) -> float:
+        """Ingest the notified files, and rescan when due; return when to rescan next."""
+        closed = list(dict.fromkeys(path for path, final in batch if final))
+        created = [p for p in dict.fromkeys(p for p, _ in batch) if p not in closed]
+        deferred = self.ingest(closed, writer_closed=True).deferred
+        deferred += self.ingest(created).deferred
+        if self.clock.monotonic() >= next_rescan:
+            deferred += self.ingest(self.scan()).deferred
+            self.check_quarantine()
+            next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
+        if deferred:
+            next_rescan = min(next_rescan, self.clock.monotonic() + DEFERRED_RECHECK_SECONDS)
+        return next_rescan
 
     def scan(self) -> list[Path]:
         """Every candidate file in incoming/ and every unconsumed one in the hook directory."""
@@ -170,7 +206,7 @@ class Ingestor:
             if self.stop is not None and self.stop.is_set():
                 break  # files not read yet stay in the spool for the next start
             accepted = self._accept(path, stats, writer_closed)
-            self.progress()
+            self.heartbeat.beat()
             if accepted is not None:
                 chunk.append(accepted)
             if len(chunk) >= FILES_PER_TRANSACTION:
@@ -256,9 +292,7 @@ class Ingestor:
         except EventRejected as exc:
             self._quarantine(path, exc.reason, exc.message, stats)
             return None
-        result = match_event(event, self.config.rules)
-        outcome = result.ignored_reason or "matched"
-        return _Accepted(path, event, result.targets, outcome, digest)
+        return _Accepted(path, event, digest)
 
     def _read_hook(self, path: Path, stats: IngestStats) -> _Accepted | None:
         """Read one file of the hook directory; it stays there whatever happens."""
@@ -300,10 +334,8 @@ class Ingestor:
             self._reject_hook(path, raw, exc.reason, exc.message)
             stats.quarantined += 1
             return None
-        result = match_event(event, self.config.rules)
-        outcome = result.ignored_reason or "matched"
         digest = hashlib.sha256(raw.data).hexdigest()
-        return _Accepted(path, event, result.targets, outcome, digest, identity)
+        return _Accepted(path, event, digest, identity)
 
     def _reject_hook(self, path: Path, raw: EventFile | None, reason: str, message: str) -> None:
         """Copy a bad hook file into quarantine (it cannot be moved) and remember it."""
@@ -333,7 +365,7 @@ class Ingestor:
         self._seen_hook_files()[path.name] = identity
         # Claimed, so that the quarantine rescan does not count the copy a second time.
         if self.rejections.claim(target, reason):
-            self.metrics.events_rejected.labels(reason).inc()
+            self.intake.count_rejected(reason)
         log.warning(
             "rejected hook file %s as %s: %s (copy in %s)",
             printable(path.name),
@@ -401,50 +433,34 @@ class Ingestor:
 
     def _commit_together(self, chunk: list[_Accepted], stats: IngestStats) -> None:
         now = self.clock.time()
-        results: list[tuple[_Accepted, dict[str, int] | None]] = []
+        recorded: list[Recorded] = []
         with self.queue.transaction():
             for item in chunk:
-                enqueued = self.queue.record_event(
+                done = self.intake.record(
+                    self.queue,
                     item.event,
+                    origin=_origin(item),
                     spool_name=spool_name(item.path),
-                    outcome=item.outcome,
-                    targets=item.targets,
-                    now=now,
                     spool_digest=item.digest,
                 )
                 if item.hook_identity is not None:
                     self.queue.record_hook_file(item.path.name, item.hook_identity, now)
-                results.append((item, enqueued))
+                if done is None:
+                    stats.duplicates += 1
+                else:
+                    recorded.append(done)
         # Only now that the rows are durable may the files go (hook files stay: tmpfiles
         # ages them out of the root-only directory).
-        for item, _ in results:
+        for item in chunk:
             if item.hook_identity is None:
                 _unlink(item.path)
             else:
                 self._seen_hook_files()[item.path.name] = item.hook_identity
-        any_enqueued = False
-        for item, enqueued in results:
-            if enqueued is None:
-                stats.duplicates += 1
-                continue
-            stats.recorded += 1
-            self.count_event(item.event, item.outcome, enqueued)
-            for cache, count in enqueued.items():
+        stats.recorded += len(recorded)
+        for done in recorded:
+            for cache, count in done.enqueued.items():
                 stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
-                any_enqueued = True
-            log.info(
-                "event %s from %s%s: %s",
-                printable(item.path.name),
-                item.event.source,
-                _describe_origin(item.event),
-                describe_queued(enqueued, item.outcome, len(item.event.out_paths)),
-            )
-        if any_enqueued:
-            self.on_enqueued()
-
-    def count_event(self, event: Event, outcome: str, enqueued: dict[str, int]) -> None:
-        """Update the event metrics for one recorded event."""
-        count_event(self.metrics, event, outcome, enqueued, self.clock.time())
+        self.intake.announce(recorded)
 
     def _quarantine(self, path: Path, reason: str, message: str, stats: IngestStats) -> None:
         try:
@@ -461,7 +477,7 @@ class Ingestor:
             return
         stats.quarantined += 1
         if self.rejections.claim(target, reason):
-            self.metrics.events_rejected.labels(reason).inc()
+            self.intake.count_rejected(reason)
         log.warning(
             "quarantined %s as %s: %s (%s)",
             printable(path.name),
@@ -476,19 +492,37 @@ def spool_name(path: Path) -> str:
     return os.fsencode(path.name).decode("utf-8", errors="backslashreplace")
 
 
-def printable(text: str) -> str:
-    """Text with newlines, escapes and undecodable bytes shown escaped (no forged log lines)."""
-    return repr(text)[1:-1]
-
-
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
-def _describe_origin(event: Event) -> str:
+def _origin(item: _Accepted) -> str:
+    """`build 17 p:j:job, NAME` or `DRV, NAME` or `NAME`: what the file names, and the file."""
+    name = spool_name(item.path)
+    event = item.event
     if event.build_id is not None:
-        return f" (build {event.build_id} {event.project}:{event.jobset}:{event.job})"
+        return f"build {event.build_id} {event.project}:{event.jobset}:{event.job}, {name}"
     if event.drv_path:
-        return f" ({event.drv_path})"
-    return ""
+        return f"{event.drv_path}, {name}"
+    return name
+
+
+def _next_batch(
+    notifications: SimpleQueue[Notification | None], timeout: float
+) -> tuple[list[Notification], bool]:
+    """Wait up to timeout for a notification, then take every one queued behind it; and
+    whether a rescan was asked for (a None: the watch was restored, or a scan failed)."""
+    batch: list[Notification] = []
+    rescan = False
+    try:
+        first = notifications.get(timeout=timeout)
+        while True:
+            if first is None:
+                rescan = True
+            else:
+                batch.append(first)
+            first = notifications.get_nowait()
+    except Empty:
+        pass
+    return batch, rescan

@@ -1,15 +1,27 @@
-"""Record a batch of validated events: match them against the rules and queue their paths."""
+"""The one path every source takes: match an event, record it, count it, wake the workers.
+
+A source (spool files, log lines, Hydra's database) validates its input into `Event`s, then,
+inside its own state-database transaction, calls `Intake.record` for each (which also
+records whatever the source must keep with the event: a consumed file, a log offset, a
+checkpoint), and after the commit hands what was recorded to `Intake.announce`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from bridge.config import Rule
+from bridge.clock import Clock
+from bridge.describe import describe_queued
 from bridge.events import Event
-from bridge.matching import match_event
+from bridge.logsetup import printable
+from bridge.matching import MatchResult, Rule, match_event
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import MATCHED
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,42 +31,90 @@ class Recorded:
     event: Event
     outcome: str
     enqueued: dict[str, int]
+    origin: str
+    """What the event came from, for the log line: a file name, a log file, a build."""
+
+    @property
+    def queued(self) -> int:
+        """How many (cache, path) items this event added to the queue."""
+        return sum(self.enqueued.values())
 
 
-def record_events(
-    queue: StateDb, events: Iterable[Event], rules: Sequence[Rule], now: float
-) -> list[Recorded]:
-    """Match and record events; call inside the caller's queue.transaction()."""
-    recorded: list[Recorded] = []
-    for event in events:
-        result = match_event(event, rules)
-        outcome = result.ignored_reason or "matched"
-        enqueued = queue.record_event(
-            event, spool_name=None, outcome=outcome, targets=result.targets, now=now
+class Intake:
+    """Records validated events through the rules, then counts them and wakes the workers."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        metrics: BridgeMetrics,
+        clock: Clock,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.rules = rules
+        self.metrics = metrics
+        self.clock = clock
+        self.wake = wake
+
+    def match(self, event: Event) -> MatchResult:
+        """Which caches each path of the event goes to under the configured rules."""
+        return match_event(event, self.rules)
+
+    def record(
+        self,
+        db: StateDb,
+        event: Event,
+        *,
+        origin: str,
+        spool_name: str | None = None,
+        spool_digest: str | None = None,
+    ) -> Recorded | None:
+        """Match and record one event; call inside db.transaction().
+
+        None when the spool file (spool_name, spool_digest) was recorded before. Without a
+        spool name an event is never a duplicate row: such sources dedup by their own key.
+        """
+        result = self.match(event)
+        outcome = result.ignored_reason or MATCHED
+        enqueued = db.record_event(
+            event,
+            spool_name=spool_name,
+            outcome=outcome,
+            targets=result.targets,
+            now=self.clock.time(),
+            spool_digest=spool_digest,
         )
-        # Without a spool name an event is never a duplicate row; callers dedup by build.
-        recorded.append(Recorded(event, outcome, enqueued or {}))
-    return recorded
+        if enqueued is None:
+            return None
+        return Recorded(event, outcome, enqueued, origin)
 
+    def announce(self, recorded: Iterable[Recorded]) -> int:
+        """After the commit: count and log every event, wake the workers; paths queued."""
+        now = self.clock.time()
+        queued = 0
+        for item in recorded:
+            self._count(item, now)
+            queued += item.queued
+            log.info(
+                "event from %s%s: %s",
+                item.event.source,
+                f" ({printable(item.origin)})" if item.origin else "",
+                describe_queued(item.enqueued, item.outcome, len(item.event.out_paths)),
+            )
+        if queued:
+            self.wake()
+        return queued
 
-def count_recorded(metrics: BridgeMetrics, recorded: Iterable[Recorded], now: float) -> bool:
-    """After the commit: update the event metrics; True when any path was queued."""
-    any_enqueued = False
-    for item in recorded:
-        count_event(metrics, item.event, item.outcome, item.enqueued, now)
-        any_enqueued = any_enqueued or any(item.enqueued.values())
-    return any_enqueued
+    def count_rejected(self, reason: str) -> None:
+        """Count one rejected (quarantined or skipped) input of any source."""
+        self.metrics.events_rejected.labels(reason).inc()
 
-
-def count_event(
-    metrics: BridgeMetrics, event: Event, outcome: str, enqueued: dict[str, int], now: float
-) -> None:
-    """Update the event metrics for one recorded event."""
-    metrics.events_received.labels(event.source).inc()
-    metrics.last_event.labels(event.source).set(now)
-    if outcome == "matched":
-        metrics.events_matched.labels(event.source).inc()
-    else:
-        metrics.events_ignored.labels(event.source, outcome).inc()
-    for cache, count in enqueued.items():
-        metrics.paths_enqueued.labels(cache).inc(count)
+    def _count(self, item: Recorded, now: float) -> None:
+        source = item.event.source
+        self.metrics.events_received.labels(source).inc()
+        self.metrics.last_event.labels(source).set(now)
+        if item.outcome == MATCHED:
+            self.metrics.events_matched.labels(source).inc()
+        else:
+            self.metrics.events_ignored.labels(source, item.outcome).inc()
+        for cache, count in item.enqueued.items():
+            self.metrics.paths_enqueued.labels(cache).inc(count)

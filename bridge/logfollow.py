@@ -6,17 +6,17 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 
 from bridge.clock import Clock
 from bridge.config import Config, LogSource
-from bridge.describe import describe_queued
 from bridge.events import Event
-from bridge.matching import match_event
+from bridge.intake import Intake, Recorded
 from bridge.statedb import LogOffset, StateDb
 from bridge.store import NixStore, StoreQueryError
 from bridge.storepath import is_store_path
+from exporter.vocabulary import Source
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,28 @@ class LogFollower:
         self,
         config: Config,
         queue: StateDb,
+        intake: Intake,
         clock: Clock,
-        count_event: Callable[[Event, str, dict[str, int]], None] | None = None,
         store: NixStore | None = None,
     ) -> None:
         self.store = store or NixStore()
         self.config = config
         self.queue = queue
+        self.intake = intake
         self.clock = clock
-        self.count_event = count_event
         self.follows = [_Follow(source) for source in config.log_sources]
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every log_poll_seconds until stop is set, keeping the readable gauges."""
+        alive = self.intake.metrics.log_sources_alive
+        while not stop.is_set():
+            try:
+                self.poll()
+            except Exception:
+                log.exception("log follower pass failed; retrying")
+            for follow in self.follows:
+                alive.labels(str(follow.source.path)).set(int(follow.handle is not None))
+            stop.wait(self.config.log_poll_seconds)
 
     def close(self) -> None:
         """Close every open file."""
@@ -210,34 +222,18 @@ class LogFollower:
             paths = extract_store_paths(complete)
             if follow.source.resolve_derivations:
                 paths += self._outputs_of(extract_derivations(complete), paths)
-            now = self.clock.time()
-            event = Event(source="log", received_at=now, out_paths=tuple(paths))
-            result = match_event(event, self.config.rules)
+            event = Event(source=Source.LOG, received_at=self.clock.time(), out_paths=tuple(paths))
             follow.offset += len(complete)
             follow.fingerprint = (follow.fingerprint + complete)[-FINGERPRINT_BYTES:]
+            recorded: list[Recorded] = []
             with self.queue.transaction():
-                enqueued: dict[str, int] = {}
                 if paths:
-                    enqueued = (
-                        self.queue.record_event(
-                            event,
-                            spool_name=None,
-                            outcome=result.ignored_reason or "matched",
-                            targets=result.targets,
-                            now=now,
-                        )
-                        or {}
-                    )
-                self.queue.save_log_offset(str(follow.source.path), follow.position, now)
-            if paths:
-                outcome = result.ignored_reason or "matched"
-                if self.count_event is not None:
-                    self.count_event(event, outcome, enqueued)
-                log.info(
-                    "log %s: %d store path(s): %s",
-                    follow.source.path,
-                    len(paths),
-                    describe_queued(enqueued, outcome, len(paths)),
+                    done = self.intake.record(self.queue, event, origin=str(follow.source.path))
+                    recorded += [done] if done is not None else []
+                self.queue.save_log_offset(
+                    str(follow.source.path), follow.position, event.received_at
                 )
+            self.intake.announce(recorded)
+            enqueued = recorded[0].enqueued if recorded else {}
             for cache, count in enqueued.items():
                 queued[cache] = queued.get(cache, 0) + count

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.events import REJECT_REASONS
+from bridge.logsetup import printable
 from bridge.spool import REASON_SUFFIX, SpoolLayout, reason_path
 from bridge.statedb import StateDb
 
@@ -169,17 +170,13 @@ class RejectionCounter:
             self.count(entry.reason)
             log.warning(
                 "rejected event %s found in quarantine as %s: %s: %s",
-                _printable(entry.file),
-                _printable(entry.quarantined_as),
+                printable(entry.file),
+                printable(entry.quarantined_as),
                 entry.reason,
-                _printable(entry.message),
+                printable(entry.message),
             )
         if gone:
             # Removed by the operator: forget them, so the table does not grow forever.
             with self.queue.transaction():
                 self.queue.forget_quarantine_counted(gone)
         return found
-
-
-def _printable(text: str) -> str:
-    return repr(text)[1:-1]

@@ -78,7 +78,7 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     SPAWN_ERROR = "spawn_error"
     INVALID_PATH = "invalid_path"
-    SECRET = "secret"
+    SECRET = "secret"  # noqa: S105 (a reason label, not a credential)
 
 
 class SkipReason(StrEnum):

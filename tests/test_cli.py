@@ -297,6 +297,8 @@ def test_status_and_retry(tmp_path: Path, write_config: Callable[..., Path]) -> 
     assert wrong.returncode == 1 and "0 dead-lettered path(s) queued again" in wrong.stdout
     done = run("retry", "--config", str(config), str(dead_id))
     assert done.returncode == 0 and "1 dead-lettered path(s) queued again" in done.stdout
+    assert "the daemon is not running: they are pushed when it starts" in done.stdout
+    assert "not running" not in wrong.stdout  # nothing was queued: nothing to wait for
     doc = json.loads(run("status", "--json", "--config", str(config)).stdout)
     assert doc["caches"][0]["counts"]["pending"] == 1 and doc["dead_letters"] == []
 

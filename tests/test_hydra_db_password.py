@@ -26,6 +26,7 @@ from bridge.config import Config, HydraDbSettings, parse_config
 from bridge.hydradb import HydraReader, connect, to_event
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState, SourceStatus
+from bridge.intake import Intake
 from bridge.secrets import SecretError, secret_forms
 from bridge.statedb import StateDb
 from tests.integration.daemonproc import bridge
@@ -212,7 +213,7 @@ def test_wrong_password_fails_clearly_and_never_shows_a_password(
     source = HydraDbSource(
         harness.config,
         harness.queue,
-        harness.metrics,
+        Intake(harness.config.rules, harness.metrics, SystemClock()),
         harness.db_metrics,
         SystemClock(),
         stop=harness.stop,

@@ -18,6 +18,7 @@ from bridge.events import REJECT_REASONS, SOURCES
 from bridge.hydradb import HydraReader, parse_notification
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
+from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
@@ -60,7 +61,12 @@ class Harness:
     def start(self) -> Harness:
         self.stop = threading.Event()
         self.source = HydraDbSource(
-            self.config, self.queue, self.metrics, self.db_metrics, SystemClock(), stop=self.stop
+            self.config,
+            self.queue,
+            Intake(self.config.rules, self.metrics, SystemClock()),
+            self.db_metrics,
+            SystemClock(),
+            stop=self.stop,
         )
         self.thread = threading.Thread(target=self.source.run, daemon=True)
         self.thread.start()

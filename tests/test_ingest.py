@@ -19,6 +19,7 @@ from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, JobPattern, Rule, SpoolSettings
 from bridge.events import REJECT_REASONS, SOURCES, hook_envelope, hydra_envelope
 from bridge.ingest import SETTLE_SECONDS, Ingestor
+from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb
@@ -77,7 +78,8 @@ class Harness:
         def wake() -> None:
             self.woken += 1
 
-        return Ingestor(config, self.queue, NixStore(), self.metrics, SystemClock(), wake)
+        intake = Intake(config.rules, self.metrics, SystemClock(), wake)
+        return Ingestor(config, self.queue, NixStore(), intake, SystemClock())
 
     def value(self, name: str, **labels: str) -> float:
         sample = self.registry.get_sample_value(P + name, labels)

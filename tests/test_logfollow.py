@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from bridge.backends import FAILURE_REASONS
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, LogSource, Rule
-from bridge.events import Event
+from bridge.events import REJECT_REASONS, SOURCES, Event
+from bridge.intake import Intake, Recorded
 from bridge.logfollow import LogFollower, extract_store_paths
+from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
+from bridge.worker import SKIP_REASONS
+from exporter.metrics import BridgeMetrics
 from tests.dbrows import event_rows
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -39,14 +45,30 @@ class Harness:
             log_sources=(LogSource(self.log),),
         )
         self.queue = StateDb(self.db)
+        self.metrics = BridgeMetrics(
+            CollectorRegistry(),
+            version="test",
+            caches={"c": "nix-copy"},
+            sources=SOURCES,
+            reject_reasons=REJECT_REASONS,
+            ignore_reasons=IGNORE_REASONS,
+            failure_reasons=FAILURE_REASONS,
+            skip_reasons=SKIP_REASONS,
+        )
         self.followers: list[LogFollower] = []
         self.counted: list[tuple[Event, str, dict[str, int]]] = []
 
     def follower(self) -> LogFollower:
-        def count(event: Event, outcome: str, enqueued: dict[str, int]) -> None:
-            self.counted.append((event, outcome, enqueued))
+        counted = self.counted
 
-        follower = LogFollower(self.config, self.queue, SystemClock(), count)
+        class CountingIntake(Intake):
+            def announce(self, recorded: Iterable[Recorded]) -> int:
+                recorded = list(recorded)
+                counted.extend((r.event, r.outcome, r.enqueued) for r in recorded)
+                return super().announce(recorded)
+
+        intake = CountingIntake(self.config.rules, self.metrics, SystemClock())
+        follower = LogFollower(self.config, self.queue, intake, SystemClock())
         self.followers.append(follower)
         return follower
 

@@ -46,6 +46,7 @@ from bridge.events import (
     parse_spool_document,
 )
 from bridge.ingest import Ingestor
+from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb
@@ -448,7 +449,8 @@ def _ingest_as_daemon(config_path: Path, passes: int = 1) -> dict[str, Any]:
         config = load_config(config_path)
         queue = StateDb(config.database_path)
         metrics = _metrics()
-        ingestor = Ingestor(config, queue, NixStore(), metrics, _Clock())
+        intake = Intake(config.rules, metrics, _Clock())
+        ingestor = Ingestor(config, queue, NixStore(), intake, _Clock())
         totals = {"recorded": 0, "quarantined": 0, "duplicates": 0, "deferred": 0}
         for _ in range(passes):
             stats = ingestor.ingest(ingestor.scan())

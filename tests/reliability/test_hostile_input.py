@@ -64,6 +64,7 @@ from bridge.events import (
 )
 from bridge.hookscript import render_hook_script
 from bridge.ingest import Ingestor, spool_name
+from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.producers import PayloadRejected, record_hydra_payload
 from bridge.spool import SpoolLayout, reason_path
@@ -645,7 +646,8 @@ class Harness:
         self.layout = SpoolLayout(self.config.spool_dir)
         self.layout.ensure()
         self.queue = StateDb(self.config.database_path)
-        self.ingestor = Ingestor(self.config, self.queue, NixStore(), self.metrics, SystemClock())
+        intake = Intake(self.config.rules, self.metrics, SystemClock())
+        self.ingestor = Ingestor(self.config, self.queue, NixStore(), intake, SystemClock())
         self.parked = root / "parked"
         self.parked.mkdir()
         self.config_file = root / "bridge.toml"
