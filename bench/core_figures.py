@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from bridge.config import load_config  # noqa: E402
 from bridge.events import hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
 from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
+from tests.integration.daemonproc import configured, running, wait_for  # noqa: E402
 from tests.nixhelpers import build, hydra_payload, offline_env  # noqa: E402
 
 STAMP_BACKEND = """#!/bin/sh
@@ -64,11 +64,13 @@ def main() -> None:
     backend = work / "stamp-backend"
     backend.write_text(STAMP_BACKEND)
     backend.chmod(0o755)
-    config_file = work / "bridge.toml"
-    config_file.write_text(
-        f'state_dir = "{work / "state"}"\nlog_level = "warning"\n[metrics]\nenabled = false\n'
-        f'[caches.instant]\nbackend = "cachix"\nexecutable = "{backend}"\n'
+    daemon = configured(
+        work,
+        f'[caches.instant]\nbackend = "cachix"\nexecutable = "{backend}"\n',
+        env={"STAMPS": str(stamps)},
+        metrics=False,
     )
+    config_file = daemon.config
     config = load_config(config_file)
     layout = SpoolLayout(config.spool_dir)
     layout.ensure()
@@ -97,16 +99,11 @@ def main() -> None:
     hook_env = dict(env, DRV_PATH=item.drv, OUT_PATHS="")
     sh_true = timed(["/bin/sh", "-c", "true"], hook_env, runs)
     hook_times = timed([str(hook)], hook_env, runs)
-    for leftover in layout.incoming.iterdir():
+    # The hook's events (in hook/, picked up like incoming/) must not reach the daemon.
+    for leftover in [*layout.incoming.iterdir(), *layout.hook.iterdir()]:
         leftover.unlink()
 
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "run", "--config", str(config_file)],
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        time.sleep(2)
+    with running(daemon, notify_ready=True):
         latencies = []
         for build_id in range(runs):
             before = stamps.read_text().count("\n") if stamps.exists() else 0
@@ -116,16 +113,14 @@ def main() -> None:
             (layout.tmp / name).write_text(json.dumps(document))
             landed = time.time()
             os.rename(layout.tmp / name, layout.incoming / name)
-            deadline = time.monotonic() + 10
-            while (stamps.read_text().count("\n") if stamps.exists() else 0) <= before:
-                if time.monotonic() > deadline:
-                    raise SystemExit("push did not start within 10 s")
-                time.sleep(0.001)
+            wait_for(
+                lambda before=before: stamps.exists() and stamps.read_text().count("\n") > before,
+                10,
+                interval=0.001,
+                message="the push to start",
+            )
             started = float(stamps.read_text().splitlines()[before])
             latencies.append(started - landed)
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(

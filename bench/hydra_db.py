@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +18,7 @@ from bridge.intake import Intake
 from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
+from tests.integration.daemonproc import configured, running, wait_for
 from tests.pghelpers import HydraDatabase, PostgresServer
 
 
@@ -106,7 +104,6 @@ def notification_latency(
     work: Path,
     rate: int,
     seconds: float,
-    start_daemon: Callable[[str, dict[str, str]], Any],
     stamp_backend: str,
 ) -> list[float]:
     """Seconds from Hydra's NOTIFY to the push process starting, per build."""
@@ -136,7 +133,8 @@ def notification_latency(
             f'[hydra_db]\ndsn = "{db.bridge_dsn}"\n'
         )
         notified: dict[str, float] = {}
-        with start_daemon(body, {"STAMPS": str(stamps)}), db.connect() as conn:
+        daemon = configured(work, body, env={"STAMPS": str(stamps)})
+        with running(daemon, 600, notify_ready=True), db.connect() as conn:
             time.sleep(1.0)  # the source connects and catches up after READY
             interval = 1.0 / rate
             started = time.monotonic()
@@ -153,11 +151,11 @@ def notification_latency(
                 path = f"/nix/store/{index:032d}-lat-{index}".replace("0", "d")
                 notified[path] = time.time()
                 conn.execute("SELECT pg_notify('build_finished', %s)", (str(build_id),))
-            deadline = time.monotonic() + 120
-            while (stamps.read_text().count("\n") if stamps.exists() else 0) < total:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("not every notified build reached the backend")
-                time.sleep(0.05)
+            wait_for(
+                lambda: stamps.exists() and stamps.read_text().count("\n") >= total,
+                120,
+                message="every notified build at the backend",
+            )
         latencies = []
         for line in stamps.read_text().splitlines():
             when, path = line.split(" ", 1)
@@ -165,8 +163,3 @@ def notification_latency(
         return latencies
     finally:
         server.destroy()
-
-
-def median(values: list[float]) -> float:
-    """The median."""
-    return statistics.median(values)

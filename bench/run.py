@@ -17,16 +17,13 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,16 +36,26 @@ from bench.install import normal_install  # noqa: E402
 from bridge.clock import SystemClock  # noqa: E402
 from bridge.config import load_config  # noqa: E402
 from bridge.daemon import Daemon as BridgeDaemonForMetrics  # noqa: E402
-from bridge.events import Event, hook_envelope, hydra_envelope  # noqa: E402
+from bridge.events import hook_envelope, hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
 from bridge.ingest import Ingestor  # noqa: E402
 from bridge.nixbuild import nix_build_command  # noqa: E402
 from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
 from bridge.statedb import StateDb  # noqa: E402
 from bridge.store import NixStore  # noqa: E402
+from tests.integration.daemonproc import (  # noqa: E402
+    DaemonProcess,
+    configured,
+    fake_path,
+    running,
+    wait_for,
+)
 from tests.nixhelpers import nix_expression, offline_env  # noqa: E402
 
-NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+# The first spool scan comes before READY=1: with 10,000 files it takes seconds, more on a
+# busy machine.
+READY_TIMEOUT = 600.0
+
 FAKES = ROOT / "tests" / "fakes"
 
 
@@ -130,16 +137,6 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def fake_path(index: int, name: str = "bench") -> str:
-    """A syntactically valid store path that need not exist (for instant backends)."""
-    digits = []
-    value = index
-    for _ in range(32):
-        digits.append(NIX_BASE32[value % 32])
-        value //= 32
-    return f"/nix/store/{''.join(digits)}-{name}-{index}"
-
-
 def timed_runs(commands: list[list[str]], runs: int, env: dict[str, str]) -> list[list[float]]:
     """Wall times of each command, interleaved run by run so load affects all alike."""
     times: list[list[float]] = [[] for _ in commands]
@@ -153,147 +150,31 @@ def timed_runs(commands: list[list[str]], runs: int, env: dict[str, str]) -> lis
     return times
 
 
-# -- a daemon in a subprocess -------------------------------------------------------------
-
-
-class Daemon:
-    """`python -m bridge run` with READY detected on a real notify socket."""
-
-    def __init__(self, work: Path, body: str, env: dict[str, str] | None = None) -> None:
-        self.work = work
-        self.port = _free_port()
-        self.config = work / "bridge.toml"
-        self.config.write_text(
-            f'state_dir = "{work / "state"}"\nlog_level = "warning"\n'
-            f"[metrics]\nport = {self.port}\n{body}"
-        )
-        self.env = offline_env(env)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.ready_after = 0.0
-
-    @property
-    def layout(self) -> SpoolLayout:
-        """The daemon's spool."""
-        return SpoolLayout(load_config(self.config).spool_dir)
-
-    @property
-    def database(self) -> Path:
-        """The daemon's queue database."""
-        return load_config(self.config).database_path
-
-    def start(self, timeout: float = 600) -> Daemon:
-        """Start and wait for READY=1 (sent after the first spool scan)."""
-        sock_path = self.work / f"notify-{time.monotonic_ns()}.sock"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(str(sock_path))
-            sock.settimeout(timeout)
-            self.started_at = time.monotonic()
-            log = (self.work / "daemon.log").open("ab")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
-                env=dict(self.env, NOTIFY_SOCKET=str(sock_path)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
-            while not sock.recv(4096).startswith(b"READY=1"):
-                pass
-            self.ready_after = time.monotonic() - self.started_at
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def pushed(self) -> int:
-        """Items the workers finished so far: pushed, or skipped (read-only look).
-
-        The prefilled paths are not in the store, so after cachix exits 0 the workers' check
-        (as for any cachix push) ends them `skipped` (invalid_path): the figures include it.
-        """
-        with contextlib.closing(
-            sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)
-        ) as conn:
-            return int(
-                conn.execute(
-                    "SELECT COUNT(*) FROM items WHERE state IN ('pushed', 'skipped')"
-                ).fetchone()[0]
-            )
-
-    def scrape(self) -> float:
-        """Seconds for one GET /metrics."""
-        started = time.perf_counter()
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
-            r.read()
-        return time.perf_counter() - started
-
-    def peak_rss_mb(self) -> float:
-        """VmHWM of the daemon in MiB."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running(daemon: Daemon) -> Iterator[Daemon]:
-    """Start, yield, always stop."""
-    try:
-        yield daemon.start()
-    finally:
-        daemon.stop()
-
-
 def instant_cache(name: str = "instant") -> str:
     """A cache whose push succeeds at once (/bin/true as the cachix executable)."""
     return f'[caches.{name}]\nbackend = "cachix"\nexecutable = "{shutil.which("true")}"\n'
 
 
-def prefill(database: Path, count: int, *, cache: str = "instant", due_in: float = 0.0) -> None:
-    """Queue `count` pending items straight into the database."""
-    queue = StateDb(database)
-    now = time.time()
-    try:
-        chunk = 10_000
-        for start in range(0, count, chunk):
-            paths = tuple(fake_path(i) for i in range(start, min(count, start + chunk)))
-            with queue.transaction():
-                queue.record_event(
-                    Event("hook", now, paths),
-                    spool_name=None,
-                    outcome="matched",
-                    targets=[(cache, p) for p in paths],
-                    now=now,
-                )
-        if due_in:
-            with queue.transaction():
-                queue.conn.execute("UPDATE items SET next_attempt_at = ?", (now + due_in,))
-    finally:
-        queue.close()
+def scrape_seconds(daemon: DaemonProcess) -> float:
+    """Seconds for one GET /metrics."""
+    started = time.perf_counter()
+    daemon.metrics_text(timeout=30)
+    return time.perf_counter() - started
 
 
-def wait_pushed(daemon: Daemon, count: int, timeout: float = 1800) -> float:
-    """Seconds from now until `count` items are pushed."""
+def wait_pushed(daemon: DaemonProcess, count: int, timeout: float = 1800) -> float:
+    """Seconds from now until `count` items are finished: pushed, or skipped.
+
+    The prefilled paths are not in the store, so after cachix exits 0 the workers' check
+    (as for any cachix push) ends them `skipped` (invalid_path): the figures include it.
+    """
     started = time.monotonic()
-    while daemon.pushed() < count:
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"only {daemon.pushed()} of {count} pushed after {timeout}s")
-        time.sleep(0.02)
+    wait_for(
+        lambda: daemon.items_in("pushed", "skipped") >= count,
+        timeout,
+        interval=0.02,
+        message=f"{count} items pushed",
+    )
     return time.monotonic() - started
 
 
@@ -563,11 +444,11 @@ def detection_latency(sizes: Sizes, work: Path) -> Result:
     backend.write_text(STAMP_BACKEND)
     backend.chmod(0o755)
     body = f'[caches.instant]\nbackend = "cachix"\nexecutable = "{backend}"\n'
-    daemon = Daemon(work, body, {"STAMPS": str(stamps)})
+    daemon = configured(work, body, env={"STAMPS": str(stamps)})
     landed: dict[str, float] = {}
     total = int(sizes.latency_rate * sizes.latency_seconds)
-    with running(daemon):
-        layout = daemon.layout
+    with running(daemon, READY_TIMEOUT, notify_ready=True):
+        layout = daemon.spool
         interval = 1.0 / sizes.latency_rate
         started = time.monotonic()
         for index in range(total):
@@ -580,11 +461,11 @@ def detection_latency(sizes: Sizes, work: Path) -> Result:
             (layout.tmp / name).write_text(json.dumps(hook_envelope("", path, time.time())))
             landed[path] = time.time()
             os.rename(layout.tmp / name, layout.incoming / name)
-        deadline = time.monotonic() + 120
-        while (stamps.read_text().count("\n") if stamps.exists() else 0) < total:
-            if time.monotonic() > deadline:
-                raise RuntimeError("not every event reached the backend")
-            time.sleep(0.05)
+        wait_for(
+            lambda: stamps.exists() and stamps.read_text().count("\n") >= total,
+            120,
+            message="every event at the backend",
+        )
     latencies = []
     for line in stamps.read_text().splitlines():
         when, path = line.split(" ", 1)
@@ -609,7 +490,7 @@ def ingest_throughput(sizes: Sizes, work: Path) -> Result:
     for rep in range(max(1, sizes.reps // 2)):
         directory = work / f"ingest-{rep}"
         directory.mkdir()
-        daemon = Daemon(directory, instant_cache())
+        daemon = configured(directory, instant_cache())
         config = load_config(daemon.config)
         layout = SpoolLayout(config.spool_dir)
         layout.ensure()
@@ -629,11 +510,11 @@ def ingest_throughput(sizes: Sizes, work: Path) -> Result:
         # The same through a daemon process: start until READY (after the first scan).
         second = work / f"ingest-daemon-{rep}"
         second.mkdir()
-        process = Daemon(second, instant_cache() + "[push]\nworkers = 1\n")
-        second_layout = SpoolLayout(load_config(process.config).spool_dir)
+        process = configured(second, instant_cache() + "[push]\nworkers = 1\n")
+        second_layout = process.spool
         second_layout.ensure()
         _write_events(second_layout, sizes.ingest_files)
-        with running(process):
+        with running(process, READY_TIMEOUT, notify_ready=True):
             startups.append(process.ready_after)
     rate = statistics.median(rates)
     result.rows += [
@@ -731,13 +612,11 @@ def _write_events(layout: SpoolLayout, count: int) -> None:
 def drain_throughput(sizes: Sizes, work: Path) -> tuple[Result, float]:
     """Scenario 5: pending paths pushed per second with an instant backend."""
     result = Result("5. Drain throughput")
-    daemon = Daemon(work, instant_cache())
-    load_config(daemon.config)
-    daemon.layout.ensure()
-    prefill(daemon.database, sizes.drain_paths)
-    with running(daemon):
+    daemon = configured(work, instant_cache())
+    daemon.prefill(sizes.drain_paths, cache="instant")
+    with running(daemon, READY_TIMEOUT, notify_ready=True):
         elapsed = wait_pushed(daemon, sizes.drain_paths)
-        peak = daemon.peak_rss_mb()
+        peak = daemon.peak_rss_mib()
     rate = sizes.drain_paths / elapsed
     result.rows.append(
         Row(
@@ -768,21 +647,20 @@ def scale(sizes: Sizes, work: Path) -> tuple[Result, float]:
         for rep in range(max(1, sizes.reps // 2)):
             directory = work / f"dispatch-{size}-{rep}"
             directory.mkdir()
-            daemon = Daemon(directory, instant_cache())
-            daemon.layout.ensure()
-            prefill(daemon.database, size)
-            with running(daemon):
+            daemon = configured(directory, instant_cache())
+            daemon.prefill(size, cache="instant")
+            with running(daemon, READY_TIMEOUT, notify_ready=True):
                 window = min(size, sizes.scale_window)
                 costs[size].append(wait_pushed(daemon, window) / window)
         directory = work / f"scrape-{size}"
         directory.mkdir()
-        daemon = Daemon(directory, instant_cache())
-        daemon.layout.ensure()
-        prefill(daemon.database, size, due_in=86400)  # pending, not due: the queue holds
-        with running(daemon):
-            scrapes[size] = [daemon.scrape() for _ in range(sizes.scrapes)]
+        daemon = configured(directory, instant_cache())
+        # Pending, not due: the queue holds still.
+        daemon.prefill(size, cache="instant", due_in=86400)
+        with running(daemon, READY_TIMEOUT, notify_ready=True):
+            scrapes[size] = [scrape_seconds(daemon) for _ in range(sizes.scrapes)]
             if size == sizes.scale_large:
-                holding_peak = daemon.peak_rss_mb()
+                holding_peak = daemon.peak_rss_mib()
     small, large = sizes.scale_small, sizes.scale_large
     ratio = statistics.median(costs[large]) / statistics.median(costs[small])
     scrape_large = statistics.median(scrapes[large])
@@ -893,12 +771,8 @@ def hydra_db_latency(sizes: Sizes, work: Path) -> Result:
     from bench.hydra_db import notification_latency
 
     result = Result("9. Hydra database notification latency")
-
-    def start(body: str, env: dict[str, str]) -> contextlib.AbstractContextManager[Daemon]:
-        return running(Daemon(work, body, env))
-
     latencies = notification_latency(
-        work, sizes.hydra_latency_rate, sizes.hydra_latency_seconds, start, STAMP_BACKEND
+        work, sizes.hydra_latency_rate, sizes.hydra_latency_seconds, STAMP_BACKEND
     )
     p50, p99 = statistics.median(latencies), pct(latencies, 0.99)
     rate = sizes.hydra_latency_rate

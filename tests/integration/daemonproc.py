@@ -5,20 +5,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.nixhelpers import Built, hydra_payload
+from bridge.config import load_config
+from bridge.events import Event
+from bridge.spool import SpoolLayout
+from bridge.statedb import StateDb
+from tests.nixhelpers import Built, hydra_payload, offline_env
+
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
 def free_port() -> int:
@@ -26,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def fake_path(index: int, name: str = "bench") -> str:
+    """A syntactically valid store path that need not exist (for instant backends)."""
+    digits = []
+    value = index
+    for _ in range(32):
+        digits.append(NIX_BASE32[value % 32])
+        value //= 32
+    return f"/nix/store/{''.join(digits)}-{name}-{index}"
 
 
 def bridge(
@@ -104,6 +123,41 @@ def mirror(cache: Path) -> str:
     return f'[caches.mirror]\nbackend = "nix-copy"\nuri = "file://{cache}"\n'
 
 
+def configured(
+    directory: Path,
+    body: str,
+    *,
+    env: dict[str, str] | None = None,
+    log_level: str = "warning",
+    metrics: bool = True,
+) -> DaemonProcess:
+    """A daemon (not started) whose config in directory keeps its state there.
+
+    The config is directory/bridge.toml: `state_dir` under directory, the log level, metrics
+    on a free port (or off: then start it with notify_ready), then body; the environment is
+    the offline one plus env.
+    """
+    port = free_port()
+    served = f"port = {port}" if metrics else "enabled = false"
+    config = directory / "bridge.toml"
+    config.write_text(
+        f'state_dir = "{directory / "state"}"\nlog_level = "{log_level}"\n'
+        f"[metrics]\n{served}\n{body}"
+    )
+    return DaemonProcess(config, port, directory / "daemon.log", env=offline_env(env))
+
+
+@contextlib.contextmanager
+def running(
+    daemon: DaemonProcess, ready_timeout: float = 30.0, *, notify_ready: bool = False
+) -> Iterator[DaemonProcess]:
+    """Start the daemon, yield it, and always stop it (and whatever it left in its group)."""
+    try:
+        yield daemon.start(ready_timeout, notify_ready=notify_ready)
+    finally:
+        daemon.stop()
+
+
 class DaemonProcess:
     """`hydra-cachix-bridge run` in its own process group, logging to a file."""
 
@@ -115,26 +169,61 @@ class DaemonProcess:
         self.log_file = log_file
         self.env = dict(os.environ if env is None else env)
         self.proc: subprocess.Popen[bytes] | None = None
+        # Seconds from the start to READY=1 (only measured with notify_ready).
+        self.ready_after = 0.0
 
-    def start(self, ready_timeout: float = 30.0) -> DaemonProcess:
-        """Start and wait until /healthz answers 200."""
+    def start(self, ready_timeout: float = 30.0, *, notify_ready: bool = False) -> DaemonProcess:
+        """Start and wait until /healthz answers 200.
+
+        With notify_ready, wait instead for READY=1 on a notify socket of our own (sent after
+        the first spool scan, also with metrics off) and note how long that took.
+        """
+        if not notify_ready:
+            self._spawn(self.env)
+            wait_for(
+                lambda: self.health()[0] == 200 or self.proc_exited(),
+                ready_timeout,
+                message="daemon /healthz",
+            )
+        else:
+            # A short directory of its own: a socket path may have at most 107 bytes.
+            directory = Path(tempfile.mkdtemp(prefix="hcb-notify-"))
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                    sock.bind(str(directory / "notify"))
+                    started = time.monotonic()
+                    self._spawn(dict(self.env, NOTIFY_SOCKET=str(directory / "notify")))
+                    self._await_ready(sock, started + ready_timeout)
+                    self.ready_after = time.monotonic() - started
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        if self.proc_exited():
+            raise AssertionError(f"daemon exited early:\n{self.log()}")
+        return self
+
+    def _spawn(self, env: dict[str, str]) -> None:
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env=env,
             start_new_session=True,
         )
         log.close()
-        wait_for(
-            lambda: self.health()[0] == 200 or self.proc_exited(),
-            ready_timeout,
-            message="daemon /healthz",
-        )
-        if self.proc_exited():
-            raise AssertionError(f"daemon exited early:\n{self.log()}")
-        return self
+
+    def _await_ready(self, sock: socket.socket, deadline: float) -> None:
+        """Read notifications until READY=1, the daemon's exit or the deadline."""
+        sock.settimeout(0.2)
+        while not self.proc_exited():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the daemon's READY=1")
+            try:
+                message = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if b"READY=1" in message.split(b"\n"):
+                return
 
     def proc_exited(self) -> bool:
         """True once the daemon process has ended."""
@@ -150,9 +239,9 @@ class DaemonProcess:
         except OSError:
             return 0, ""
 
-    def metrics_text(self) -> str:
+    def metrics_text(self, timeout: float = 5.0) -> str:
         """The raw /metrics exposition."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as r:
             return str(r.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
@@ -170,6 +259,65 @@ class DaemonProcess:
         """Everything the daemon wrote so far."""
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
+    @property
+    def spool(self) -> SpoolLayout:
+        """The daemon's spool, from its config."""
+        return SpoolLayout(load_config(self.config).spool_dir)
+
+    @property
+    def database(self) -> Path:
+        """The daemon's state database, from its config."""
+        return load_config(self.config).database_path
+
+    def prefill(self, count: int, *, cache: str, due_in: float = 0.0) -> None:
+        """Queue `count` pending items of made-up paths straight into the state database.
+
+        For a daemon about to start with a large queue; with due_in the items are not due
+        for that many seconds, so the queue holds still.
+        """
+        queue = StateDb(self.database)
+        now = time.time()
+        try:
+            chunk = 10_000
+            for start in range(0, count, chunk):
+                paths = tuple(fake_path(i) for i in range(start, min(count, start + chunk)))
+                with queue.transaction():
+                    queue.record_event(
+                        Event("hook", now, paths),
+                        spool_name=None,
+                        outcome="matched",
+                        targets=[(cache, p) for p in paths],
+                        now=now,
+                    )
+            if due_in:
+                with queue.transaction():
+                    queue.conn.execute("UPDATE items SET next_attempt_at = ?", (now + due_in,))
+        finally:
+            queue.close()
+
+    def items_in(self, *states: str) -> int:
+        """Items in any of the given states, read straight from the state database.
+
+        A read-only look, cheap enough to poll while the daemon works (no CLI start, no
+        request to the daemon).
+        """
+        marks = ", ".join("?" for _ in states)
+        with contextlib.closing(
+            sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)
+        ) as conn:
+            row = conn.execute(
+                f"SELECT COUNT(*) FROM items WHERE state IN ({marks})", states
+            ).fetchone()
+            return int(row[0])
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory (VmHWM) of the daemon process in MiB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no VmHWM for the daemon (pid {self.proc.pid})")
+
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; returns the exit status."""
         assert self.proc is not None
@@ -181,6 +329,14 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """SIGTERM and wait (SIGKILL after timeout), then kill what is left of its group."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        self.cleanup()
 
     def cleanup(self) -> None:
         """Kill whatever is left of the daemon's process group."""
