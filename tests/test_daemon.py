@@ -260,7 +260,7 @@ def test_health_names_the_first_scan_before_ready_and_is_empty_when_running(
     assert daemon.ready.is_set()
     assert daemon.health() == []
     assert bridge.value("spool_watch_alive") == 1
-    assert "problems" not in daemon.landing_page()
+    assert "Health: problems" not in daemon.landing_page()
 
 
 @pytest.mark.nix
