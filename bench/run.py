@@ -39,6 +39,7 @@ from bridge.daemon import Daemon as BridgeDaemonForMetrics  # noqa: E402
 from bridge.events import hook_envelope, hydra_envelope  # noqa: E402
 from bridge.hookscript import render_hook_script  # noqa: E402
 from bridge.ingest import Ingestor  # noqa: E402
+from bridge.intake import Intake  # noqa: E402
 from bridge.nixbuild import nix_build_command  # noqa: E402
 from bridge.spool import SpoolLayout, event_file_name  # noqa: E402
 from bridge.statedb import StateDb  # noqa: E402
@@ -500,7 +501,8 @@ def ingest_throughput(sizes: Sizes, work: Path) -> Result:
             config, registry=CollectorRegistry(), serve_metrics=False
         ).metrics
         queue = StateDb(config.database_path)
-        ingestor = Ingestor(config, queue, NixStore(), metrics, SystemClock())
+        intake = Intake(config.rules, metrics, SystemClock())
+        ingestor = Ingestor(config, queue, NixStore(), intake, SystemClock())
         started = time.perf_counter()
         stats = ingestor.ingest(ingestor.scan())
         elapsed = time.perf_counter() - started

@@ -273,7 +273,7 @@ def test_daemon_never_follows_symlinks_or_reads_non_regular_files(
         name: json.loads((quarantine / f"{name}.reason").read_text())["reason"] for name in names
     }
     assert set(reasons.values()) <= set(REJECT_REASONS)
-    for name in names[:-1]:  # the socket's label is checked in test_hostile_input.py
+    for name in names[:-1]:  # the socket's label is checked in test_hostile_daemon.py
         assert reasons[name] == "not_regular_file", (name, reasons[name])
     # The links were moved, not followed: the target is untouched and was never recorded.
     assert os.path.islink(quarantine / "link-to-valid.json")
