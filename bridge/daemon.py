@@ -15,23 +15,21 @@ from queue import Empty, SimpleQueue
 from prometheus_client import CollectorRegistry
 
 from bridge import __version__
-from bridge.backends import FAILURE_REASONS, Backend, make_backend
+from bridge.backends import Backend, make_backend
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
-from bridge.events import REJECT_REASONS, SOURCES
 from bridge.heartbeat import Heartbeat
 from bridge.ingest import Ingestor
 from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
-from bridge.matching import IGNORE_REASONS
 from bridge.quarantine import summarize
 from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
 from bridge.spool import SpoolLayout
-from bridge.statedb import STATES, StateDb, StateDbUnavailable
+from bridge.statedb import StateDb, StateDbUnavailable
 from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
-from bridge.worker import SKIP_REASONS, PushWorkers
+from bridge.worker import PushWorkers
 from exporter.http import MetricsServer
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
@@ -87,11 +85,6 @@ class Daemon:
             self.registry,
             version=__version__,
             caches={name: cache.backend for name, cache in config.caches.items()},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
             per_jobset_limit=config.metrics.per_jobset_limit,
             log_sources=[str(source.path) for source in config.log_sources],
@@ -145,9 +138,7 @@ class Daemon:
             # A full disk: in-flight items come back through the orphan check later.
             log.error("cannot recover the last run's in-flight items yet: %s", exc)
         self._scrape_queue = self._open_queue_patiently()
-        self.registry.register(
-            QueueCollector(self._read_queue, config.caches, STATES, self.clock.time)
-        )
+        self.registry.register(QueueCollector(self._read_queue, config.caches, self.clock.time))
         self.workers = PushWorkers(
             settings=config.push,
             caches=config.caches,

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.events import Event
+from exporter.vocabulary import ItemState
 
-STATES = ("pending", "inflight", "pushed", "skipped", "dead")
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -773,7 +773,7 @@ class StateDb:
         return [
             CacheStatus(
                 cache=name,
-                counts={state: counts.get((name, state), 0) for state in STATES},
+                counts={state: counts.get((name, state), 0) for state in ItemState},
                 oldest_pending_at=oldest.get(name),
                 last_success_at=known.get(name, (None, None, None))[0],
                 last_failure_at=known.get(name, (None, None, None))[1],

@@ -9,7 +9,7 @@ The properties, for every input:
   * nothing but `EventRejected` comes out of validation, and nothing at all out of ingest;
   * the input is either accepted as an event whose every path is a valid store path (checked
     against an independent copy of the syntax in REFERENCE.md §4, and present verbatim in the
-    input), or quarantined with a reason from REJECT_REASONS and a `.reason` file;
+    input), or quarantined with a reason from RejectReason and a `.reason` file;
   * nothing is left in incoming/ (for candidate names);
   * the hook exits 0;
   * no input reaches a shell: a canary file that `$(touch …)`, backticks, `;`, `|`, `&&`
@@ -51,26 +51,19 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS, CachixBackend, NixCopyBackend
+from bridge.backends import CachixBackend, NixCopyBackend
 from bridge.cli import main as cli_main
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, Rule, SpoolSettings
-from bridge.events import (
-    REJECT_REASONS,
-    SOURCES,
-    EventRejected,
-    hook_envelope,
-    hydra_envelope,
-)
+from bridge.events import EventRejected, hook_envelope, hydra_envelope
 from bridge.hookscript import render_hook_script
 from bridge.ingest import Ingestor, spool_name
-from bridge.matching import IGNORE_REASONS
 from bridge.producers import PayloadRejected, record_hydra_payload
 from bridge.spool import SpoolLayout, reason_path
 from bridge.statedb import StateDb
 from bridge.store import NixStore, outputs_from_drv_file
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import RejectReason
 from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
 from tests.nixhelpers import Built, build, hydra_payload, narinfo, offline_env
 
@@ -627,11 +620,6 @@ class Harness:
             self.registry,
             version="test",
             caches={"c": "nix-copy"},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
         )
         self.config = Config(
             state_dir=root / "state",
@@ -726,7 +714,7 @@ def check_ingest(h: Harness, name: str, data: bytes, v: Violations) -> str | Non
     """Ingest the file `name` (already in incoming/ with `data`) with a rescan, like the
     daemon does, and check the outcome. Returns "recorded", "quarantined" or None."""
     ex = describe(name, data)
-    before = {r: h.rejected(r) for r in REJECT_REASONS}
+    before = {r: h.rejected(r) for r in RejectReason}
     try:
         stats = h.ingestor.ingest(h.ingestor.scan())
     except Exception as exc:
@@ -780,7 +768,7 @@ def check_ingest(h: Harness, name: str, data: bytes, v: Violations) -> str | Non
         return None
     record = json.loads(reason_file.read_text())
     if (
-        record.get("reason") not in REJECT_REASONS
+        record.get("reason") not in set(RejectReason)
         or record.get("file") != name
         or record.get("quarantined_as") != name
     ):
@@ -892,7 +880,7 @@ def test_hydra_payloads_in_process(tmp_path: Path) -> None:
             return
         outcomes[verdict] += 1
         if verdict == "rejected":
-            if result.reason not in REJECT_REASONS:
+            if result.reason not in set(RejectReason):
                 v.add(f"unknown reject reason {result.reason!r}", ex)
             reason = json.loads(Path(f"{path}.reason").read_text())
             if reason["reason"] != result.reason or path.read_bytes() != data:
@@ -1019,7 +1007,7 @@ def test_hydra_payloads_through_the_real_cli(tmp_path: Path) -> None:
         elif done.returncode == 1 and "Traceback" not in done.stderr:
             lines = done.stderr.strip().splitlines()
             found = re.match(r"hydra-cachix-bridge: invalid Hydra payload \((\w+)\)", lines[0])
-            if len(lines) != 1 or found is None or found.group(1) not in REJECT_REASONS:
+            if len(lines) != 1 or found is None or found.group(1) not in set(RejectReason):
                 v.add(f"exit 1 without a one-line reason: {done.stderr[:200]!r}", ex)
             saved = [n for n in new_quarantine if not n.endswith(".reason")]
             content = (h.layout.quarantine / saved[0]).read_bytes() if len(saved) == 1 else None
@@ -1545,7 +1533,7 @@ def test_daemon_survives_a_burst_of_hostile_files_and_still_pushes(
             n: json.loads((layout.quarantine / f"{n}.reason").read_text())["reason"]
             for n in quarantined
         }
-        assert set(reasons.values()) <= set(REJECT_REASONS), reasons
+        assert set(reasons.values()) <= set(RejectReason), reasons
         for name in [*not_regular, "socket.json"]:
             if reasons[name] != "not_regular_file":
                 problems.append(f"{name}: quarantined as {reasons[name]}, not not_regular_file")
@@ -1617,7 +1605,7 @@ def test_daemon_quarantines_a_hard_link_and_leaves_its_other_name_alone(
     assert reason_file.is_file(), (
         "a hard link to a file outside the spool was read and recorded instead of quarantined"
     )
-    assert json.loads(reason_file.read_text())["reason"] in REJECT_REASONS
+    assert json.loads(reason_file.read_text())["reason"] in set(RejectReason)
 
 
 POISON: list[tuple[str | bytes, bytes]] = [
