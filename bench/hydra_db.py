@@ -10,12 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from bridge.clock import SystemClock
 from bridge.config import load_config
-from bridge.events import REJECT_REASONS, SOURCES
 from bridge.hydradb import HydraReader, connect
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
 from bridge.intake import Intake
-from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
 from tests.integration.daemonproc import configured, running, wait_for
@@ -48,11 +46,6 @@ def _metrics() -> tuple[BridgeMetrics, HydraDbMetrics]:
         registry,
         version="bench",
         caches={"instant": "cachix"},
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=(),
-        skip_reasons=(),
     )
     return metrics, HydraDbMetrics(registry)
 

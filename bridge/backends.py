@@ -15,9 +15,7 @@ from bridge.config import CacheConfig
 from bridge.process import CommandResult, run_command
 from bridge.safeopen import TRANSIENT_ERRNOS
 from bridge.secrets import SecretError, read_secret, redact, resolve_secret_path
-
-# Bounded set of push failure reasons; used as a metric label.
-FAILURE_REASONS = ("exit_status", "signal", "timeout", "spawn_error", "invalid_path", "secret")
+from exporter.vocabulary import BackendKind, FailureReason
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class PushOutcome:
 
     ok: bool
     duration: float
-    reason: str | None = None
+    reason: FailureReason | None = None
     error: str | None = None
     cancelled: bool = False
     # The backend could not even start for want of descriptors, processes or memory: the
@@ -60,28 +58,30 @@ def outcome_from(result: CommandResult, program: str, secrets: list[str]) -> Pus
         return PushOutcome(
             False,
             result.duration,
-            "spawn_error",
+            FailureReason.SPAWN_ERROR,
             redact(result.spawn_error, secrets),
             exhausted=result.spawn_errno in TRANSIENT_ERRNOS,
         )
     if result.cancelled:
         return PushOutcome(
-            False, result.duration, "timeout", "cancelled at shutdown", cancelled=True
+            False, result.duration, FailureReason.TIMEOUT, "cancelled at shutdown", cancelled=True
         )
     if result.timed_out:
         message = f"{program} timed out after {result.duration:.0f}s; process group killed"
-        return PushOutcome(False, result.duration, "timeout", f"{message}: {tail}".rstrip(": "))
+        return PushOutcome(
+            False, result.duration, FailureReason.TIMEOUT, f"{message}: {tail}".rstrip(": ")
+        )
     if result.signal_name is not None:
         return PushOutcome(
             False,
             result.duration,
-            "signal",
+            FailureReason.SIGNAL,
             f"{program} killed by {result.signal_name}: {tail}".rstrip(": "),
         )
     return PushOutcome(
         False,
         result.duration,
-        "exit_status",
+        FailureReason.EXIT_STATUS,
         f"{program} exited {result.returncode}: {tail}".rstrip(": "),
     )
 
@@ -116,7 +116,7 @@ class CachixBackend:
                 secrets.append(env["CACHIX_SIGNING_KEY"])
             command = self.command()
         except SecretError as exc:
-            return PushOutcome(False, 0.0, "secret", str(exc))
+            return PushOutcome(False, 0.0, FailureReason.SECRET, str(exc))
         stdin = "".join(f"{path}\n" for path in paths).encode()
         result = run_command(command, timeout=timeout, stdin_data=stdin, env=env, cancel=cancel)
         outcome = outcome_from(result, "cachix push", secrets)
@@ -173,13 +173,13 @@ class NixCopyBackend:
         try:
             command = self.command(paths)
         except SecretError as exc:
-            return PushOutcome(False, 0.0, "secret", str(exc))
+            return PushOutcome(False, 0.0, FailureReason.SECRET, str(exc))
         result = run_command(command, timeout=timeout, env=self.base_env, cancel=cancel)
         return outcome_from(result, "nix copy", [])
 
 
 def make_backend(cache: CacheConfig) -> Backend:
     """The backend for a configured cache."""
-    if cache.backend == "cachix":
+    if cache.backend == BackendKind.CACHIX:
         return CachixBackend(cache)
     return NixCopyBackend(cache)

@@ -280,10 +280,11 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
         finally:
             queue.close()
     else:
-        from bridge.statedb import STATES, CacheStatus
+        from bridge.statedb import CacheStatus
+        from exporter.vocabulary import ItemState
 
         statuses = [
-            CacheStatus(name, dict.fromkeys(STATES, 0), None, None, None, None)
+            CacheStatus(name, dict.fromkeys(ItemState, 0), None, None, None, None)
             for name in config.caches
         ]
     from bridge.statelock import daemon_running
@@ -458,20 +459,9 @@ def backfill(
 
 def _offline_metrics(registry: CollectorRegistry) -> BridgeMetrics:
     from bridge import __version__
-    from bridge.events import REJECT_REASONS, SOURCES
-    from bridge.matching import IGNORE_REASONS
     from exporter.metrics import BridgeMetrics
 
-    return BridgeMetrics(
-        registry,
-        version=__version__,
-        caches={},
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=(),
-        skip_reasons=(),
-    )
+    return BridgeMetrics(registry, version=__version__, caches={})
 
 
 @main.command("check-config")

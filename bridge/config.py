@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from bridge.events import HYDRA_SOURCES, SOURCES
+from exporter.vocabulary import HYDRA_SOURCES, Source
 
 CONFIG_ENV = "HYDRA_CACHIX_BRIDGE_CONFIG"
 BACKENDS = ("cachix", "nix-copy")
@@ -109,7 +109,7 @@ class Rule:
 
     caches: tuple[str, ...]
     jobs: tuple[JobPattern, ...] = ()
-    sources: tuple[str, ...] = SOURCES
+    sources: tuple[str, ...] = tuple(Source)
     build_statuses: tuple[int, ...] = (0,)
     exclude: tuple[str, ...] = ()
 
@@ -471,15 +471,15 @@ def _parse_rule(
                 f"{file}:{r.key('jobs')}: warning: pattern {text!r}: {part!r} is matched "
                 "literally, as Hydra does ('*' is a wildcard only as a whole part)"
             )
-    sources = r.strings("sources", SOURCES)
+    sources = r.strings("sources", tuple(Source))
     for source in sources:
-        if source not in SOURCES:
-            r.error("sources", f"unknown source {source!r} (one of {', '.join(SOURCES)})")
+        if source not in set(Source):
+            r.error("sources", f"unknown source {source!r} (one of {', '.join(Source)})")
     if patterns and not set(sources) & set(HYDRA_SOURCES):
         r.error(
             "jobs",
             "job patterns only match Hydra events, but sources has none of "
-            + ", ".join(HYDRA_SOURCES),
+            + ", ".join(s for s in Source if s in HYDRA_SOURCES),
         )
     statuses = r.get("build_statuses", list, [0])
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 99 for s in statuses):

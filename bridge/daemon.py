@@ -12,25 +12,23 @@ from queue import SimpleQueue
 from prometheus_client import CollectorRegistry
 
 from bridge import __version__
-from bridge.backends import FAILURE_REASONS, Backend, make_backend
+from bridge.backends import Backend, make_backend
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
-from bridge.events import REJECT_REASONS, SOURCES
 from bridge.heartbeat import Heartbeat
 from bridge.ingest import Ingestor
 from bridge.intake import Intake
 from bridge.landing import LandingSnapshot, render_landing
 from bridge.logfollow import LogFollower
-from bridge.matching import IGNORE_REASONS
 from bridge.quarantine import summarize
 from bridge.retrying import FailureBackoff
 from bridge.sdnotify import sd_notify, watchdog_interval
 from bridge.spool import SpoolLayout
-from bridge.statedb import STATES, StateDb, StateDbUnavailable
+from bridge.statedb import StateDb, StateDbUnavailable
 from bridge.statelock import StateLock, StateLocked, lock_path
 from bridge.store import NixStore
 from bridge.watcher import Notification, SpoolWatcher
-from bridge.worker import SKIP_REASONS, PushWorkers
+from bridge.worker import PushWorkers
 from exporter.http import MetricsServer
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
@@ -85,11 +83,6 @@ class Daemon:
             self.registry,
             version=__version__,
             caches={name: cache.backend for name, cache in config.caches.items()},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
             per_jobset=config.metrics.per_jobset,
             per_jobset_limit=config.metrics.per_jobset_limit,
             log_sources=[str(source.path) for source in config.log_sources],
@@ -127,7 +120,7 @@ class Daemon:
         self._recover(self._queue)
         self._scrape_queue = self._open_queue_patiently()
         self.registry.register(
-            QueueCollector(self._read_queue, self.config.caches, STATES, self.clock.time)
+            QueueCollector(self._read_queue, self.config.caches, self.clock.time)
         )
         self.workers = self._make_workers()
         self.intake = Intake(self.config.rules, self.metrics, self.clock, self.workers.wake)

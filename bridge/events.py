@@ -8,29 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.storepath import is_derivation_path, is_store_path
+from exporter.vocabulary import RejectReason, Source
 
 SPOOL_FORMAT_VERSION = 1
-SOURCES = ("hydra", "hook", "log", "hydra-db", "backfill")
-# Sources that describe a Hydra build (project, jobset, job, status): RunCommand payloads,
-# rows read from Hydra's database, and rows recorded by `backfill`.
-HYDRA_SOURCES = ("hydra", "hydra-db", "backfill")
-
-# Bounded set of reasons an event is rejected; used as a metric label.
-REJECT_REASONS = (
-    "invalid_json",
-    "invalid_encoding",
-    "invalid_event",
-    "invalid_store_path",
-    "too_large",
-    "not_regular_file",
-    "unreadable",
-    "unresolved_outputs",
-    "foreign_outputs",
-    "invalid_build_row",
-    "untrusted_channel",
-    "incomplete_event",
-)
-
 MAX_NAME_LENGTH = 1024
 MAX_OUTPUTS = 10_000
 MAX_INT64 = 2**63 - 1
@@ -40,7 +20,7 @@ MAX_DEPTH = 64
 
 
 class EventRejected(Exception):
-    """An event that cannot be accepted; `reason` is one of REJECT_REASONS."""
+    """An event that cannot be accepted; `reason` is a RejectReason."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -74,10 +54,10 @@ class Event:
     @property
     def needs_output_resolution(self) -> bool:
         """True for hook events whose outputs must be looked up from the derivation."""
-        return self.source == "hook" and not self.out_paths and self.drv_path is not None
+        return self.source == Source.HOOK and not self.out_paths and self.drv_path is not None
 
 
-def _reject(message: str, reason: str = "invalid_event") -> EventRejected:
+def _reject(message: str, reason: RejectReason = RejectReason.INVALID_EVENT) -> EventRejected:
     return EventRejected(reason, message)
 
 
@@ -110,23 +90,27 @@ def decode_json(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _reject(f"not UTF-8: {exc.reason} at byte {exc.start}", "invalid_encoding") from None
+        raise _reject(
+            f"not UTF-8: {exc.reason} at byte {exc.start}", RejectReason.INVALID_ENCODING
+        ) from None
     try:
         document = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
-        raise _reject("JSON nested too deeply", "invalid_json") from None
+        raise _reject("JSON nested too deeply", RejectReason.INVALID_JSON) from None
     except ValueError as exc:
-        raise _reject(f"invalid JSON: {exc}", "invalid_json") from None
+        raise _reject(f"invalid JSON: {exc}", RejectReason.INVALID_JSON) from None
     if _depth_exceeds(document, MAX_DEPTH):
-        raise _reject(f"JSON nested deeper than {MAX_DEPTH} levels", "invalid_json")
+        raise _reject(f"JSON nested deeper than {MAX_DEPTH} levels", RejectReason.INVALID_JSON)
     # Surrogates can only come from \\u escapes; only then is the round trip worth checking.
     if "\\ud" in text.lower():
         try:
             json.dumps(document, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise _reject("JSON string with a lone UTF-16 surrogate", "invalid_encoding") from None
+            raise _reject(
+                "JSON string with a lone UTF-16 surrogate", RejectReason.INVALID_ENCODING
+            ) from None
         except RecursionError:
-            raise _reject("JSON nested too deeply", "invalid_json") from None
+            raise _reject("JSON nested too deeply", RejectReason.INVALID_JSON) from None
     return document
 
 
@@ -199,7 +183,9 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     job = _name(payload, "job", where)
     drv_path = _field(payload, "drvPath", (str,), nullable=False, required=True, where=where)
     if not is_derivation_path(drv_path):
-        raise _reject(f"{where}: drvPath is not a derivation store path", "invalid_store_path")
+        raise _reject(
+            f"{where}: drvPath is not a derivation store path", RejectReason.INVALID_STORE_PATH
+        )
     status = _field(payload, "buildStatus", (int,), nullable=True, required=True, where=where)
     if status is not None and not -(2**31) <= status < 2**31:
         raise _reject(f"{where}: buildStatus out of range")
@@ -224,11 +210,11 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
             skipped += 1  # a content-addressed output that was never realised
             continue
         if not is_store_path(path):
-            raise _reject(f"{owhere}: path is not a store path", "invalid_store_path")
+            raise _reject(f"{owhere}: path is not a store path", RejectReason.INVALID_STORE_PATH)
         if path not in paths:
             paths.append(path)
     return Event(
-        source="hydra",
+        source=Source.HYDRA,
         received_at=received_at,
         out_paths=tuple(paths),
         drv_path=drv_path,
@@ -248,18 +234,22 @@ def parse_hook_fields(drv_path: Any, out_paths: Any, received_at: float) -> Even
         raise _reject("hook event: drv_path and out_paths must be strings")
     drv = drv_path.strip() or None
     if drv is not None and not is_derivation_path(drv):
-        raise _reject("hook event: DRV_PATH is not a derivation store path", "invalid_store_path")
+        raise _reject(
+            "hook event: DRV_PATH is not a derivation store path", RejectReason.INVALID_STORE_PATH
+        )
     paths: list[str] = []
     for path in out_paths.split():
         if not is_store_path(path):
-            raise _reject("hook event: OUT_PATHS has a non-store path", "invalid_store_path")
+            raise _reject(
+                "hook event: OUT_PATHS has a non-store path", RejectReason.INVALID_STORE_PATH
+            )
         if path not in paths:
             paths.append(path)
     if len(paths) > MAX_OUTPUTS:
         raise _reject(f"hook event: more than {MAX_OUTPUTS} outputs")
     if drv is None and not paths:
         raise _reject("hook event: neither DRV_PATH nor OUT_PATHS is set")
-    return Event(source="hook", received_at=received_at, out_paths=tuple(paths), drv_path=drv)
+    return Event(source=Source.HOOK, received_at=received_at, out_paths=tuple(paths), drv_path=drv)
 
 
 def parse_spool_document(doc: Any, fallback_time: float) -> Event:

@@ -10,7 +10,8 @@ from html import escape
 
 from bridge.describe import age
 from bridge.quarantine import QuarantineSummary
-from bridge.statedb import STATES, CacheStatus, DeadLetter
+from bridge.statedb import CacheStatus, DeadLetter
+from exporter.vocabulary import ItemState
 
 RUNBOOK = "https://github.com/hydra-cachix-bridge/hydra-cachix-bridge/blob/main/docs/alerts.md"
 REFRESH_SECONDS = 30
@@ -114,7 +115,7 @@ def _caches(snapshot: LandingSnapshot, now: float) -> list[str]:
         for h in (
             "cache",
             "state",
-            *(s if s != "inflight" else "in flight" for s in STATES),
+            *(s if s != ItemState.INFLIGHT else "in flight" for s in ItemState),
             "oldest pending",
             "last success",
             "last failure",
@@ -127,7 +128,7 @@ def _caches(snapshot: LandingSnapshot, now: float) -> list[str]:
         label = "up" if state.up else "down"
         css = label
         since = f" since {_when(now, state.since)}" if state.since is not None else ""
-        counts = "".join(f'<td class="n">{status.counts.get(s, 0)}</td>' for s in STATES)
+        counts = "".join(f'<td class="n">{status.counts.get(s, 0)}</td>' for s in ItemState)
         oldest = (
             "-"
             if status.oldest_pending_at is None
@@ -157,7 +158,7 @@ def _command(snapshot: LandingSnapshot, args: str) -> str:
 
 
 def _dead_letters(snapshot: LandingSnapshot, now: float) -> list[str]:
-    total = sum(s.counts.get("dead", 0) for s in snapshot.statuses)
+    total = sum(s.counts.get(ItemState.DEAD, 0) for s in snapshot.statuses)
     if not total:
         return ["<h2>Dead letters</h2>", "<p>None.</p>"]
     rows = [

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.config import Rule
-from bridge.events import HYDRA_SOURCES, Event
+from bridge.events import Event
 from bridge.storepath import path_name
-
-# Bounded set of reasons an event is ignored; used as a metric label.
-IGNORE_REASONS = ("no_rule", "status_filtered", "excluded", "no_outputs")
+from exporter.vocabulary import HYDRA_SOURCES, IgnoreReason
 
 
 @dataclass(frozen=True)
@@ -45,12 +43,12 @@ def match_event(event: Event, rules: Sequence[Rule]) -> MatchResult:
     """Union of the caches of every rule that applies, per path, in a stable order."""
     applicable = [rule for rule in rules if _applies(rule, event)]
     if not applicable:
-        return MatchResult((), "no_rule")
+        return MatchResult((), IgnoreReason.NO_RULE)
     accepted = [rule for rule in applicable if _status_ok(rule, event)]
     if not accepted:
-        return MatchResult((), "status_filtered")
+        return MatchResult((), IgnoreReason.STATUS_FILTERED)
     if not event.out_paths:
-        return MatchResult((), "no_outputs")
+        return MatchResult((), IgnoreReason.NO_OUTPUTS)
     targets: dict[tuple[str, str], None] = {}
     for path in event.out_paths:
         for rule in accepted:
@@ -58,5 +56,5 @@ def match_event(event: Event, rules: Sequence[Rule]) -> MatchResult:
                 for cache in rule.caches:
                     targets[(cache, path)] = None
     if not targets:
-        return MatchResult((), "excluded")
+        return MatchResult((), IgnoreReason.EXCLUDED)
     return MatchResult(tuple(targets))

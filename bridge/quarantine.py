@@ -10,16 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.events import REJECT_REASONS
 from bridge.logsetup import printable
 from bridge.spool import REASON_SUFFIX, SpoolLayout, reason_path
 from bridge.statedb import StateDb
+from exporter.vocabulary import RejectReason
 
 log = logging.getLogger(__name__)
 
 # A .reason file that cannot be read or names no known reason is counted under this one,
 # so the metric's label set stays bounded.
-FALLBACK_REASON = "invalid_event"
+FALLBACK_REASON = RejectReason.INVALID_EVENT
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def read_reason(layout: SpoolLayout, name: str) -> QuarantinedFile:
     except (OSError, ValueError) as exc:
         problem = f"cannot read the reason file: {getattr(exc, 'strerror', None) or exc}"
     reason = record.get("reason")
-    if not isinstance(reason, str) or reason not in REJECT_REASONS:
+    if not isinstance(reason, str) or reason not in set(RejectReason):
         reason = FALLBACK_REASON
     at = record.get("quarantined_at")
     when: float | None = float(at) if isinstance(at, int | float) else None

@@ -17,6 +17,7 @@ from bridge.logsetup import printable
 from bridge.quarantine import QuarantineSummary
 from bridge.secrets import SecretError, read_secret
 from bridge.statedb import CacheHealth, CacheStatus, DeadLetter
+from exporter.vocabulary import ItemState
 
 if TYPE_CHECKING:
     from bridge.backfill import BackfillReport, Selection
@@ -241,11 +242,7 @@ def render_status(
     lines = [f"daemon: {'running' if daemon_running else 'not running'}", ""]
     header = (
         "cache",
-        "pending",
-        "in flight",
-        "pushed",
-        "skipped",
-        "dead",
+        *(state if state != ItemState.INFLIGHT else "in flight" for state in ItemState),
         "oldest pending",
         "last success",
         "last failure",
@@ -256,11 +253,7 @@ def render_status(
         rows.append(
             (
                 s.cache,
-                str(c["pending"]),
-                str(c["inflight"]),
-                str(c["pushed"]),
-                str(c["skipped"]),
-                str(c["dead"]),
+                *(str(c[state]) for state in ItemState),
                 "-"
                 if s.oldest_pending_at is None
                 else age(now, s.oldest_pending_at).removesuffix(" ago"),

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.events import Event
+from exporter.vocabulary import ItemState
 
-STATES = ("pending", "inflight", "pushed", "skipped", "dead")
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -404,14 +404,26 @@ class StateDb:
             cur = self.conn.execute(
                 "INSERT INTO items (cache, path, state, event_id, source, origin_at, enqueued_at,"
                 " attempts, next_attempt_at, updated_at)"
-                " VALUES (?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?)"
-                " ON CONFLICT (cache, path) DO UPDATE SET state = 'pending', attempts = 0,"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
+                " ON CONFLICT (cache, path) DO UPDATE SET state = excluded.state, attempts = 0,"
                 " event_id = excluded.event_id, source = excluded.source,"
                 " origin_at = excluded.origin_at, enqueued_at = excluded.enqueued_at,"
                 " next_attempt_at = excluded.next_attempt_at, batch_limit = NULL,"
                 " updated_at = excluded.updated_at, last_reason = NULL, last_error = NULL"
-                " WHERE items.state IN ('dead', 'skipped')",
-                (cache, path, event_id, event.source, origin, now, now, now),
+                " WHERE items.state IN (?, ?)",
+                (
+                    cache,
+                    path,
+                    ItemState.PENDING,
+                    event_id,
+                    event.source,
+                    origin,
+                    now,
+                    now,
+                    now,
+                    ItemState.DEAD,
+                    ItemState.SKIPPED,
+                ),
             )
             if cur.rowcount:
                 enqueued[cache] = enqueued.get(cache, 0) + 1
@@ -426,9 +438,9 @@ class StateDb:
                 "SELECT items.id, path, attempts, origin_at, enqueued_at, event_id, items.source,"
                 " batch_limit, events.project, events.jobset"
                 " FROM items LEFT JOIN events ON events.id = items.event_id"
-                " WHERE cache = ? AND state = 'pending' AND next_attempt_at <= ?"
+                " WHERE cache = ? AND state = ? AND next_attempt_at <= ?"
                 " ORDER BY next_attempt_at, items.id LIMIT ?",
-                (cache, now, batch_size),
+                (cache, ItemState.PENDING, now, batch_size),
             ).fetchall()
             batch: list[Item] = []
             cap = batch_size
@@ -454,8 +466,8 @@ class StateDb:
                 )
             if batch:
                 self.conn.executemany(
-                    "UPDATE items SET state = 'inflight', updated_at = ? WHERE id = ?",
-                    [(now, item.id) for item in batch],
+                    "UPDATE items SET state = ?, updated_at = ? WHERE id = ?",
+                    [(ItemState.INFLIGHT, now, item.id) for item in batch],
                 )
         return batch
 
@@ -466,20 +478,21 @@ class StateDb:
                 "SELECT items.id, path, attempts, origin_at, enqueued_at, event_id, items.source,"
                 " events.project, events.jobset"
                 " FROM items LEFT JOIN events ON events.id = items.event_id"
-                " WHERE cache = ? AND state = 'pending' ORDER BY next_attempt_at, items.id LIMIT 1",
-                (cache,),
+                " WHERE cache = ? AND state = ? ORDER BY next_attempt_at, items.id LIMIT 1",
+                (cache, ItemState.PENDING),
             ).fetchone()
             if row is None:
                 return []
             self.conn.execute(
-                "UPDATE items SET state = 'inflight', updated_at = ? WHERE id = ?", (now, row[0])
+                "UPDATE items SET state = ?, updated_at = ? WHERE id = ?",
+                (ItemState.INFLIGHT, now, row[0]),
             )
         return [Item(row[0], cache, *row[1:])]
 
     def has_pending(self, cache: str) -> bool:
         """True when the cache has an item waiting."""
         row = self.conn.execute(
-            "SELECT 1 FROM items WHERE cache = ? AND state = 'pending' LIMIT 1", (cache,)
+            "SELECT 1 FROM items WHERE cache = ? AND state = ? LIMIT 1", (cache, ItemState.PENDING)
         ).fetchone()
         return row is not None
 
@@ -488,9 +501,9 @@ class StateDb:
         return [
             row[0]
             for row in self.conn.execute(
-                "SELECT path FROM items WHERE cache = ? AND state = 'pushed'"
+                "SELECT path FROM items WHERE cache = ? AND state = ?"
                 " ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (cache, limit),
+                (cache, ItemState.PUSHED, limit),
             )
         ]
 
@@ -501,9 +514,9 @@ class StateDb:
         items = list(items)
         with self.transaction():
             self.conn.executemany(
-                "UPDATE items SET state = 'pending', updated_at = ?, next_attempt_at = ?,"
+                "UPDATE items SET state = ?, updated_at = ?, next_attempt_at = ?,"
                 " last_reason = ?, last_error = ? WHERE id = ?",
-                [(now, until, reason, error, item.id) for item in items],
+                [(ItemState.PENDING, now, until, reason, error, item.id) for item in items],
             )
             if items:
                 self._record_failure(items[0].cache, error, now)
@@ -547,16 +560,16 @@ class StateDb:
                 self._record_failure(health.cache, health.last_error, now)
             if health.up:
                 self.conn.execute(
-                    "UPDATE items SET next_attempt_at = ? WHERE cache = ? AND state = 'pending'"
+                    "UPDATE items SET next_attempt_at = ? WHERE cache = ? AND state = ?"
                     " AND next_attempt_at > ?",
-                    (now, health.cache, now),
+                    (now, health.cache, ItemState.PENDING, now),
                 )
 
     def next_due_at(self, cache: str) -> float | None:
         """When the next pending item of a cache becomes due."""
         row = self.conn.execute(
-            "SELECT MIN(next_attempt_at) FROM items WHERE cache = ? AND state = 'pending'",
-            (cache,),
+            "SELECT MIN(next_attempt_at) FROM items WHERE cache = ? AND state = ?",
+            (cache, ItemState.PENDING),
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
@@ -567,9 +580,9 @@ class StateDb:
             return
         with self.transaction():
             self.conn.executemany(
-                "UPDATE items SET state = 'pushed', updated_at = ?, last_reason = NULL,"
+                "UPDATE items SET state = ?, updated_at = ?, last_reason = NULL,"
                 " last_error = NULL WHERE id = ?",
-                [(now, item.id) for item in items],
+                [(ItemState.PUSHED, now, item.id) for item in items],
             )
             self.conn.execute(
                 "INSERT INTO cache_status (cache, last_success_at) VALUES (?, ?)"
@@ -581,9 +594,9 @@ class StateDb:
         """Items that will never be pushed, with the reason (e.g. garbage-collected)."""
         with self.transaction():
             self.conn.executemany(
-                "UPDATE items SET state = 'skipped', updated_at = ?, last_reason = ?,"
+                "UPDATE items SET state = ?, updated_at = ?, last_reason = ?,"
                 " last_error = ? WHERE id = ?",
-                [(now, reason, message, item.id) for item in items],
+                [(ItemState.SKIPPED, now, reason, message, item.id) for item in items],
             )
 
     def mark_failed(
@@ -613,16 +626,25 @@ class StateDb:
                     if alone and attempts >= max_attempts:
                         dead.append(item)
                         self.conn.execute(
-                            "UPDATE items SET state = 'dead', attempts = ?, updated_at = ?,"
+                            "UPDATE items SET state = ?, attempts = ?, updated_at = ?,"
                             " last_reason = ?, last_error = ? WHERE id = ?",
-                            (attempts, now, reason, error, item.id),
+                            (ItemState.DEAD, attempts, now, reason, error, item.id),
                         )
                     else:
                         self.conn.execute(
-                            "UPDATE items SET state = 'pending', attempts = ?, updated_at = ?,"
+                            "UPDATE items SET state = ?, attempts = ?, updated_at = ?,"
                             " next_attempt_at = ?, batch_limit = ?, last_reason = ?,"
                             " last_error = ? WHERE id = ?",
-                            (attempts, now, retry_at, limit, reason, error, item.id),
+                            (
+                                ItemState.PENDING,
+                                attempts,
+                                now,
+                                retry_at,
+                                limit,
+                                reason,
+                                error,
+                                item.id,
+                            ),
                         )
             cache = next((items[0].cache for items, _ in groups if items), None)
             if cache is not None:
@@ -638,20 +660,22 @@ class StateDb:
         """Put claimed items back as pending without counting an attempt."""
         with self.transaction():
             self.conn.executemany(
-                "UPDATE items SET state = 'pending', updated_at = ?"
-                " WHERE id = ? AND state = 'inflight'",
-                [(now, item.id) for item in items],
+                "UPDATE items SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                [(ItemState.PENDING, now, item.id, ItemState.INFLIGHT) for item in items],
             )
 
     def release_orphans(self, held: set[int], older_than: float, now: float) -> int:
         """In-flight items claimed before older_than and not in held become pending."""
         with self.transaction():
             rows = self.conn.execute(
-                "SELECT id FROM items WHERE state = 'inflight' AND updated_at < ?", (older_than,)
+                "SELECT id FROM items WHERE state = ? AND updated_at < ?",
+                (ItemState.INFLIGHT, older_than),
             ).fetchall()
-            orphans = [(now, item_id) for (item_id,) in rows if item_id not in held]
+            orphans = [
+                (ItemState.PENDING, now, item_id) for (item_id,) in rows if item_id not in held
+            ]
             self.conn.executemany(
-                "UPDATE items SET state = 'pending', updated_at = ? WHERE id = ?", orphans
+                "UPDATE items SET state = ?, updated_at = ? WHERE id = ?", orphans
             )
         return len(orphans)
 
@@ -659,22 +683,23 @@ class StateDb:
         """At start: items a previous process claimed but never finished become pending."""
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE items SET state = 'pending', updated_at = ? WHERE state = 'inflight'",
-                (now,),
+                "UPDATE items SET state = ?, updated_at = ? WHERE state = ?",
+                (ItemState.PENDING, now, ItemState.INFLIGHT),
             )
         return cur.rowcount
 
     def retry_dead(self, ids: Sequence[int] | None, now: float) -> int:
         """Put dead-lettered items (all, or those ids) back in the queue; return how many."""
         sql = (
-            "UPDATE items SET state = 'pending', attempts = 0, batch_limit = NULL,"
-            " next_attempt_at = ?, updated_at = ? WHERE state = 'dead'"
+            "UPDATE items SET state = ?, attempts = 0, batch_limit = NULL,"
+            " next_attempt_at = ?, updated_at = ? WHERE state = ?"
         )
+        params = (ItemState.PENDING, now, now, ItemState.DEAD)
         with self.transaction():
             if ids is None:
-                return self.conn.execute(sql, (now, now)).rowcount
+                return self.conn.execute(sql, params).rowcount
             return sum(
-                self.conn.execute(sql + " AND id = ?", (now, now, item_id)).rowcount
+                self.conn.execute(sql + " AND id = ?", (*params, item_id)).rowcount
                 for item_id in ids
             )
 
@@ -682,8 +707,8 @@ class StateDb:
         """Forget pushed and skipped items, and events, older than `before`."""
         with self.transaction():
             removed = self.conn.execute(
-                "DELETE FROM items WHERE state IN ('pushed', 'skipped') AND updated_at < ?",
-                (before,),
+                "DELETE FROM items WHERE state IN (?, ?) AND updated_at < ?",
+                (ItemState.PUSHED, ItemState.SKIPPED, before),
             ).rowcount
             self.conn.execute(
                 "DELETE FROM events WHERE recorded_at < ? AND id NOT IN"
@@ -747,7 +772,8 @@ class StateDb:
         """Enqueue time of the oldest pending or in-flight item per cache."""
         result: dict[str, float] = {}
         waiting = self.conn.execute(
-            "SELECT cache, state FROM item_counts WHERE n > 0 AND state IN ('pending', 'inflight')"
+            "SELECT cache, state FROM item_counts WHERE n > 0 AND state IN (?, ?)",
+            (ItemState.PENDING, ItemState.INFLIGHT),
         ).fetchall()
         for cache, state in waiting:
             # One index seek each (items_age), not a scan of the queue.
@@ -773,7 +799,7 @@ class StateDb:
         return [
             CacheStatus(
                 cache=name,
-                counts={state: counts.get((name, state), 0) for state in STATES},
+                counts={state: counts.get((name, state), 0) for state in ItemState},
                 oldest_pending_at=oldest.get(name),
                 last_success_at=known.get(name, (None, None, None))[0],
                 last_failure_at=known.get(name, (None, None, None))[1],
@@ -789,8 +815,8 @@ class StateDb:
             DeadLetter(*row)
             for row in self.conn.execute(
                 "SELECT id, cache, path, attempts, updated_at, last_reason, last_error FROM items"
-                " WHERE state = 'dead' ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (limit,),
+                " WHERE state = ? ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (ItemState.DEAD, limit),
             )
         ]
 

@@ -21,11 +21,11 @@ from bridge.safeopen import is_transient
 from bridge.statedb import Item, StateDb
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import BackendKind, FailureReason, SkipReason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SKIP_REASONS = ("invalid_path",)
 IDLE_POLL_SECONDS = 5.0
 # After the backend could not start for want of descriptors, processes or memory.
 EXHAUSTED_RETRY_SECONDS = 5.0
@@ -232,7 +232,9 @@ class PushWorkers:
                 if is_transient(exc) and items:
                     # Out of descriptors or memory around the push: not the paths' fault.
                     error = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
-                    outcome = PushOutcome(False, 0.0, "spawn_error", error, exhausted=True)
+                    outcome = PushOutcome(
+                        False, 0.0, FailureReason.SPAWN_ERROR, error, exhausted=True
+                    )
                     self._exhausted(
                         queue, cache, self.caches[cache], items, outcome, self.clock.time()
                     )
@@ -240,7 +242,10 @@ class PushWorkers:
                 # Count it as a failed push (with backoff), never a free immediate retry.
                 log.exception("unexpected error pushing to %s", cache)
                 outcome = PushOutcome(
-                    False, 0.0, "spawn_error", f"internal error: {type(exc).__name__} (see the log)"
+                    False,
+                    0.0,
+                    FailureReason.SPAWN_ERROR,
+                    f"internal error: {type(exc).__name__} (see the log)",
                 )
                 if items:
                     self._failed(
@@ -336,7 +341,7 @@ class PushWorkers:
             m.pushes_succeeded.labels(cache, config.backend).inc()
             self.health.succeeded(queue, cache, self._persist)
         elif not outcome.cancelled:
-            reason = outcome.reason or "exit_status"
+            reason = outcome.reason or FailureReason.EXIT_STATUS
             m.pushes_failed.labels(cache, config.backend, reason).inc()
             m.last_failure.labels(cache).set(self.clock.time())
             self.health.failed(queue, cache, outcome.error or reason, started, self._persist)
@@ -363,7 +368,7 @@ class PushWorkers:
             # than the push of an instant cache).
             uploaded = (
                 self._skip_uploaded_invalid(queue, cache, items, outcome.skipped)
-                if config.backend == "cachix"
+                if config.backend == BackendKind.CACHIX
                 else items
             )
             self._persist(lambda: queue.mark_pushed(uploaded, now))
@@ -387,10 +392,10 @@ class PushWorkers:
             if len(valid) < len(items):
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
-                m.pushes_failed.labels(cache, config.backend, "invalid_path").inc()
+                m.pushes_failed.labels(cache, config.backend, FailureReason.INVALID_PATH).inc()
                 self._persist(lambda: queue.release(valid, now))
             else:
-                error = outcome.error or outcome.reason or "exit_status"
+                error = outcome.error or outcome.reason or FailureReason.EXIT_STATUS
                 was_up, next_try = self.health.failed(queue, cache, error, started, self._persist)
                 if was_up:
                     self._failed(queue, cache, config, items, outcome, now)
@@ -409,8 +414,12 @@ class PushWorkers:
         """The backend could not start (EMFILE, EAGAIN, ENOMEM): wait briefly, uncharged."""
         until = now + EXHAUSTED_RETRY_SECONDS
         error = outcome.error or "cannot start the backend"
-        self._persist(lambda: queue.defer(items, until, reason="spawn_error", error=error, now=now))
-        self.metrics.pushes_failed.labels(cache, config.backend, "spawn_error").inc()
+        self._persist(
+            lambda: queue.defer(
+                items, until, reason=FailureReason.SPAWN_ERROR, error=error, now=now
+            )
+        )
+        self.metrics.pushes_failed.labels(cache, config.backend, FailureReason.SPAWN_ERROR).inc()
         log.warning(
             "cannot start the push of %d path(s) to %s for now (%s); no attempt counted, "
             "trying again in %.0fs",
@@ -431,7 +440,7 @@ class PushWorkers:
         now: float,
     ) -> None:
         """A push failed while its cache is down: the items wait with it, uncharged."""
-        reason = outcome.reason or "exit_status"
+        reason = outcome.reason or FailureReason.EXIT_STATUS
         error = outcome.error or reason
         self._persist(lambda: queue.defer(items, until, reason=reason, error=error, now=now))
         m = self.metrics
@@ -501,8 +510,8 @@ class PushWorkers:
         message = "not valid in the local store (garbage-collected?)"
         if after_success:
             message += "; the push skipped it"
-        self._persist(lambda: queue.mark_skipped(gone, "invalid_path", message, now))
-        self.metrics.paths_skipped.labels(cache, "invalid_path").inc(len(gone))
+        self._persist(lambda: queue.mark_skipped(gone, SkipReason.INVALID_PATH, message, now))
+        self.metrics.paths_skipped.labels(cache, SkipReason.INVALID_PATH).inc(len(gone))
         for item in gone:
             log.warning("skipping %s for %s: no longer valid in the store", item.path, cache)
         return [item for item in items if item.path not in invalid]
@@ -516,7 +525,7 @@ class PushWorkers:
         outcome: PushOutcome,
         now: float,
     ) -> None:
-        reason = outcome.reason or "exit_status"
+        reason = outcome.reason or FailureReason.EXIT_STATUS
         error = outcome.error or reason
         attempts = max(item.attempts for item in items) + 1
         halves = (

@@ -1,13 +1,26 @@
-"""Every metric of hydra-cachix-bridge, defined in one place on an injected registry."""
+"""Every metric of hydra-cachix-bridge, defined in one table on an injected registry."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+
+from exporter.vocabulary import (
+    FailureReason,
+    IgnoreReason,
+    ItemState,
+    RejectReason,
+    SkipReason,
+    Source,
+)
 
 PREFIX = "hydra_cachix_bridge"
 # Uploads take from a fraction of a second to an hour: not the client's web defaults.
@@ -16,10 +29,112 @@ UPLOAD_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3
 # cannot occur in Hydra's project or jobset names, so it never collides with a real one.
 OTHER_JOBSET = "(other)"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
+# The labels added to the path counters with `per_jobset`.
+JOBSET_LABELS = ("project", "jobset")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its attribute on BridgeMetrics, name, type, help, labels and series."""
+
+    attr: str
+    kind: type[MetricWrapperBase]
+    name: str
+    """Without the `hydra_cachix_bridge_` prefix."""
+    labels: tuple[str, ...]
+    help: str
+    reasons: type[StrEnum] | None = None
+    """The vocabulary of the `reason` label."""
+    by_jobset: bool = False
+    """Labelled by project and jobset too when `per_jobset` is on."""
+    buckets: tuple[float, ...] = ()
+    precreate: bool = True
+    """Create every known label combination up front, so that each series exists at 0."""
+    initial: float | None = None
+    """The value of a gauge's pre-created series."""
+
+
+# fmt: off
+METRICS: Final[tuple[MetricSpec, ...]] = (
+    # MetricSpec(attribute, type, name after PREFIX_, labels,
+    #            help, options),
+    MetricSpec("build_info", Info, "build", (),
+               "Version of hydra-cachix-bridge"),
+    MetricSpec("events_received", Counter, "events_received_total", ("source",),
+               "Events read from a source"),
+    MetricSpec("events_rejected", Counter, "events_rejected_total", ("reason",),
+               "Events rejected and quarantined", reasons=RejectReason),
+    MetricSpec("events_matched", Counter, "events_matched_total", ("source",),
+               "Events that matched at least one rule"),
+    MetricSpec("events_ignored", Counter, "events_ignored_total", ("source", "reason"),
+               "Events that queued nothing, by reason", reasons=IgnoreReason),
+    MetricSpec("paths_enqueued", Counter, "paths_enqueued_total", ("cache",),
+               "Store paths queued for a cache"),
+    MetricSpec("pushes_started", Counter, "pushes_started_total", ("cache", "backend"),
+               "Push invocations started"),
+    MetricSpec("pushes_succeeded", Counter, "pushes_succeeded_total", ("cache", "backend"),
+               "Push invocations that succeeded"),
+    MetricSpec("pushes_failed", Counter, "pushes_failed_total", ("cache", "backend", "reason"),
+               "Push invocations that failed, by reason", reasons=FailureReason),
+    MetricSpec("paths_pushed", Counter, "paths_pushed_total", ("cache",),
+               "Store paths pushed", by_jobset=True),
+    MetricSpec("paths_failed", Counter, "paths_failed_total", ("cache", "reason"),
+               "Store paths in a failed push, by reason", reasons=FailureReason, by_jobset=True),
+    MetricSpec("paths_skipped", Counter, "paths_skipped_total", ("cache", "reason"),
+               "Store paths dropped without a push, by reason", reasons=SkipReason),
+    MetricSpec("bytes_pushed", Counter, "pushed_bytes_total", ("cache",),
+               "NAR bytes of the store paths pushed"),
+    MetricSpec("push_duration", Histogram, "push_duration_seconds", ("cache",),
+               "Wall time of one push invocation", buckets=UPLOAD_BUCKETS),
+    MetricSpec("end_to_end", Histogram, "end_to_end_latency_seconds", ("cache",),
+               "From build finished (or event recorded) to path pushed", buckets=LATENCY_BUCKETS),
+    MetricSpec("retries", Counter, "retries_total", ("cache",),
+               "Store paths scheduled for another attempt"),
+    MetricSpec("dead_letters", Counter, "dead_letters_total", ("cache",),
+               "Store paths that exhausted their attempts"),
+    MetricSpec("last_event", Gauge, "last_event_timestamp_seconds", ("source",),
+               "Time of the last event per source", precreate=False),
+    MetricSpec("last_success", Gauge, "last_success_timestamp_seconds", ("cache",),
+               "Time of the last successful push", precreate=False),
+    MetricSpec("last_failure", Gauge, "last_failure_timestamp_seconds", ("cache",),
+               "Time of the last failed push", precreate=False),
+    MetricSpec("cache_up", Gauge, "cache_up", ("cache",),
+               "1 while the cache takes pushes, 0 while every push to it fails (items wait)",
+               initial=1),
+    MetricSpec("spool_watch_alive", Gauge, "spool_watch_alive", (),
+               "1 while the spool directory is being watched"),
+    MetricSpec("log_sources_alive", Gauge, "log_source_readable", ("path",),
+               "1 while a configured log file can be read"),
+)
+# fmt: on
 
 
 class BridgeMetrics:
-    """The bridge's counters, gauges and histograms, pre-created for known label values."""
+    """The bridge's counters, gauges and histograms (see METRICS), pre-created at zero."""
+
+    build_info: Info
+    events_received: Counter
+    events_rejected: Counter
+    events_matched: Counter
+    events_ignored: Counter
+    paths_enqueued: Counter
+    pushes_started: Counter
+    pushes_succeeded: Counter
+    pushes_failed: Counter
+    paths_pushed: Counter
+    paths_failed: Counter
+    paths_skipped: Counter
+    bytes_pushed: Counter
+    push_duration: Histogram
+    end_to_end: Histogram
+    retries: Counter
+    dead_letters: Counter
+    last_event: Gauge
+    last_success: Gauge
+    last_failure: Gauge
+    cache_up: Gauge
+    spool_watch_alive: Gauge
+    log_sources_alive: Gauge
 
     def __init__(
         self,
@@ -27,11 +142,6 @@ class BridgeMetrics:
         *,
         version: str,
         caches: dict[str, str],
-        sources: Sequence[str],
-        reject_reasons: Sequence[str],
-        ignore_reasons: Sequence[str],
-        failure_reasons: Sequence[str],
-        skip_reasons: Sequence[str],
         per_jobset: bool = False,
         per_jobset_limit: int = 200,
         log_sources: Sequence[str] = (),
@@ -41,169 +151,50 @@ class BridgeMetrics:
         self.per_jobset_limit = per_jobset_limit
         self._jobsets: set[tuple[str, str]] = set()
         self._jobsets_lock = threading.Lock()
-        jobset_labels = ["project", "jobset"] if per_jobset else []
-        r = registry
-        self.build_info = Info(f"{PREFIX}_build", "Version of hydra-cachix-bridge", registry=r)
+        # The values each label takes in advance. With per_jobset, only the series of
+        # events without a job (hook, log) exist in advance; project/jobset series appear
+        # with their first push. `backend` follows from `cache`, and `reason` from the spec.
+        self._known: dict[str, Sequence[str]] = {
+            "source": tuple(Source),
+            "cache": tuple(caches),
+            "path": tuple(log_sources),
+            "project": ("",),
+            "jobset": ("",),
+        }
+        self._backends = caches
+        for spec in METRICS:
+            setattr(self, spec.attr, self._create(spec))
         self.build_info.info({"version": version})
-        self.events_received = Counter(
-            f"{PREFIX}_events_received_total", "Events read from a source", ["source"], registry=r
-        )
-        self.events_rejected = Counter(
-            f"{PREFIX}_events_rejected_total",
-            "Events rejected and quarantined",
-            ["reason"],
-            registry=r,
-        )
-        self.events_matched = Counter(
-            f"{PREFIX}_events_matched_total",
-            "Events that matched at least one rule",
-            ["source"],
-            registry=r,
-        )
-        self.events_ignored = Counter(
-            f"{PREFIX}_events_ignored_total",
-            "Events that queued nothing, by reason",
-            ["source", "reason"],
-            registry=r,
-        )
-        self.paths_enqueued = Counter(
-            f"{PREFIX}_paths_enqueued_total",
-            "Store paths queued for a cache",
-            ["cache"],
-            registry=r,
-        )
-        self.pushes_started = Counter(
-            f"{PREFIX}_pushes_started_total",
-            "Push invocations started",
-            ["cache", "backend"],
-            registry=r,
-        )
-        self.pushes_succeeded = Counter(
-            f"{PREFIX}_pushes_succeeded_total",
-            "Push invocations that succeeded",
-            ["cache", "backend"],
-            registry=r,
-        )
-        self.pushes_failed = Counter(
-            f"{PREFIX}_pushes_failed_total",
-            "Push invocations that failed, by reason",
-            ["cache", "backend", "reason"],
-            registry=r,
-        )
-        self.paths_pushed = Counter(
-            f"{PREFIX}_paths_pushed_total",
-            "Store paths pushed",
-            ["cache", *jobset_labels],
-            registry=r,
-        )
-        self.paths_failed = Counter(
-            f"{PREFIX}_paths_failed_total",
-            "Store paths in a failed push, by reason",
-            ["cache", "reason", *jobset_labels],
-            registry=r,
-        )
-        self.paths_skipped = Counter(
-            f"{PREFIX}_paths_skipped_total",
-            "Store paths dropped without a push, by reason",
-            ["cache", "reason"],
-            registry=r,
-        )
-        self.bytes_pushed = Counter(
-            f"{PREFIX}_pushed_bytes_total",
-            "NAR bytes of the store paths pushed",
-            ["cache"],
-            registry=r,
-        )
-        self.push_duration = Histogram(
-            f"{PREFIX}_push_duration_seconds",
-            "Wall time of one push invocation",
-            ["cache"],
-            buckets=UPLOAD_BUCKETS,
-            registry=r,
-        )
-        self.end_to_end = Histogram(
-            f"{PREFIX}_end_to_end_latency_seconds",
-            "From build finished (or event recorded) to path pushed",
-            ["cache"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.retries = Counter(
-            f"{PREFIX}_retries_total",
-            "Store paths scheduled for another attempt",
-            ["cache"],
-            registry=r,
-        )
-        self.dead_letters = Counter(
-            f"{PREFIX}_dead_letters_total",
-            "Store paths that exhausted their attempts",
-            ["cache"],
-            registry=r,
-        )
-        self.last_event = Gauge(
-            f"{PREFIX}_last_event_timestamp_seconds",
-            "Time of the last event per source",
-            ["source"],
-            registry=r,
-        )
-        self.last_success = Gauge(
-            f"{PREFIX}_last_success_timestamp_seconds",
-            "Time of the last successful push",
-            ["cache"],
-            registry=r,
-        )
-        self.last_failure = Gauge(
-            f"{PREFIX}_last_failure_timestamp_seconds",
-            "Time of the last failed push",
-            ["cache"],
-            registry=r,
-        )
-        self.cache_up = Gauge(
-            f"{PREFIX}_cache_up",
-            "1 while the cache takes pushes, 0 while every push to it fails (items wait)",
-            ["cache"],
-            registry=r,
-        )
-        self.spool_watch_alive = Gauge(
-            f"{PREFIX}_spool_watch_alive",
-            "1 while the spool directory is being watched",
-            registry=r,
-        )
-        self.log_sources_alive = Gauge(
-            f"{PREFIX}_log_source_readable",
-            "1 while a configured log file can be read",
-            ["path"],
-            registry=r,
-        )
-        for path in log_sources:
-            self.log_sources_alive.labels(path)
 
-        for source in sources:
-            self.events_received.labels(source)
-            self.events_matched.labels(source)
-            for reason in ignore_reasons:
-                self.events_ignored.labels(source, reason)
-        for reason in reject_reasons:
-            self.events_rejected.labels(reason)
-        for cache, backend in caches.items():
-            self.paths_enqueued.labels(cache)
-            self.pushes_started.labels(cache, backend)
-            self.pushes_succeeded.labels(cache, backend)
-            # With per_jobset, only the series of events without a job (hook, log) exist
-            # in advance; project/jobset series appear with their first push.
-            extra = ["", ""] if per_jobset else []
-            for reason in failure_reasons:
-                self.pushes_failed.labels(cache, backend, reason)
-                self.paths_failed.labels(cache, reason, *extra)
-            for reason in skip_reasons:
-                self.paths_skipped.labels(cache, reason)
-            self.paths_pushed.labels(cache, *extra)
-            self.bytes_pushed.labels(cache)
-            self.push_duration.labels(cache)
-            self.end_to_end.labels(cache)
-            self.retries.labels(cache)
-            self.dead_letters.labels(cache)
-            self.cache_up.labels(cache).set(1)
+    def _create(self, spec: MetricSpec) -> MetricWrapperBase:
+        """Register the metric of spec and pre-create its known series."""
+        labels = spec.labels + (JOBSET_LABELS if spec.by_jobset and self.per_jobset else ())
+        name = f"{PREFIX}_{spec.name}"
+        if spec.kind is Histogram:
+            metric: MetricWrapperBase = Histogram(
+                name, spec.help, labels, buckets=spec.buckets, registry=self.registry
+            )
+        else:
+            metric = spec.kind(name, spec.help, labels, registry=self.registry)
+        if spec.precreate and labels:
+            for values in self._label_sets(labels, spec.reasons):
+                child = metric.labels(*values)
+                if spec.initial is not None and isinstance(child, Gauge):
+                    child.set(spec.initial)
+        return metric
+
+    def _label_sets(
+        self, labels: Sequence[str], reasons: type[StrEnum] | None
+    ) -> list[tuple[str, ...]]:
+        """Every known combination of values of labels, in label order."""
+        rows: list[dict[str, str]] = [{}]
+        for label in labels:
+            if label == "backend":
+                rows = [{**row, label: self._backends[row["cache"]]} for row in rows]
+                continue
+            known = tuple(reasons or ()) if label == "reason" else self._known[label]
+            rows = [{**row, label: value} for row in rows for value in known]
+        return [tuple(row[label] for label in labels) for row in rows]
 
     def count_paths(
         self,
@@ -278,12 +269,10 @@ class QueueCollector(Collector):
         self,
         read: Callable[[], tuple[dict[tuple[str, str], int], dict[str, float]]],
         caches: Iterable[str],
-        states: Sequence[str],
         clock: Callable[[], float],
     ) -> None:
         self.read = read
         self.caches = list(caches)
-        self.states = states
         self.clock = clock
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -302,7 +291,7 @@ class QueueCollector(Collector):
         now = self.clock()
         names = list(dict.fromkeys([*self.caches, *(cache for cache, _ in counts)]))
         for cache in names:
-            for state in self.states:
+            for state in ItemState:
                 depth.add_metric([cache, state], counts.get((cache, state), 0))
             started = oldest.get(cache)
             age.add_metric([cache], max(0.0, now - started) if started is not None else 0.0)

@@ -78,7 +78,7 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     SPAWN_ERROR = "spawn_error"
     INVALID_PATH = "invalid_path"
-    SECRET = "secret"  # noqa: S105 (a reason label, not a credential)
+    SECRET = "secret"  # noqa: S105 (a failure reason, not a password)
 
 
 class SkipReason(StrEnum):

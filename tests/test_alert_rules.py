@@ -18,12 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS
-from bridge.events import REJECT_REASONS, SOURCES
-from bridge.matching import IGNORE_REASONS
-from bridge.statedb import STATES
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
+from exporter.vocabulary import ItemState
 
 try:
     import yaml
@@ -253,14 +249,9 @@ def registry_samples() -> dict[str, list[dict[str, str]]]:
         registry,
         version="0.0.0",
         caches=caches,
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=FAILURE_REASONS,
-        skip_reasons=SKIP_REASONS,
         log_sources=["/var/log/hydra/hook.log"],
     )
-    registry.register(QueueCollector(lambda: ({}, {}), caches, STATES, time.time))
+    registry.register(QueueCollector(lambda: ({}, {}), caches, time.time))
     HydraDbMetrics(registry)  # registered when [hydra_db] is configured
     samples: dict[str, list[dict[str, str]]] = {}
     for family in registry.collect():
@@ -453,7 +444,7 @@ def test_every_metric_referenced_exists_in_the_registry() -> None:
 def test_registry_samples_match_the_queue_states() -> None:
     samples = registry_samples()
     states = {labels["state"] for labels in samples["hydra_cachix_bridge_queue_items"]}
-    assert states == set(STATES)
+    assert states == set(ItemState)
 
 
 MINI_SAMPLE = """\

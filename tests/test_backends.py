@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.backends import (
-    FAILURE_REASONS,
-    CachixBackend,
-    NixCopyBackend,
-    PushOutcome,
-    cachix_skipped,
-    make_backend,
-)
+from bridge.backends import CachixBackend, NixCopyBackend, PushOutcome, cachix_skipped, make_backend
 from bridge.config import CacheConfig
+from exporter.vocabulary import FailureReason
 from tests.nixhelpers import Built, build, narinfo, offline_env
 
 pytestmark = pytest.mark.nix
@@ -403,7 +397,7 @@ def test_missing_cachix_executable_is_a_spawn_error(tmp_path: Path, token_file: 
 
 
 def test_every_failure_reason_is_in_the_bounded_set() -> None:
-    assert set(FAILURE_REASONS) >= {"exit_status", "signal", "timeout", "spawn_error", "secret"}
+    assert set(FailureReason) >= {"exit_status", "signal", "timeout", "spawn_error", "secret"}
 
 
 # -- nix copy ----------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from bridge.config import (
     load_config,
     parse_config,
 )
-from bridge.events import SOURCES
 from bridge.preflight import check_host
 from bridge.render import render_config
+from exporter.vocabulary import Source
 
 EXAMPLE = """\
 state_dir = "/var/lib/hydra-cachix-bridge"
@@ -122,7 +122,7 @@ class TestDefaults:
         assert local.backend == "nix-copy"
         assert local.uri == f"file://{state / 'binary-cache'}"
         assert config.rules == (Rule(caches=("local",)),)
-        assert config.rules[0].sources == SOURCES
+        assert config.rules[0].sources == tuple(Source)
         assert config.rules[0].build_statuses == (0,)
         assert config.push == PushSettings()
         assert config.source_file is None
@@ -231,7 +231,7 @@ class TestExampleConfig:
             Rule(
                 caches=("mycache",),
                 jobs=(JobPattern("home", "mybuild", "*"),),
-                sources=SOURCES,
+                sources=tuple(Source),
                 build_statuses=(0,),
                 exclude=("*-spec.json",),
             ),

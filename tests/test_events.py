@@ -12,7 +12,6 @@ import pytest
 from bridge.events import (
     MAX_NAME_LENGTH,
     MAX_OUTPUTS,
-    REJECT_REASONS,
     SPOOL_FORMAT_VERSION,
     Event,
     EventRejected,
@@ -23,6 +22,7 @@ from bridge.events import (
     parse_hydra_payload,
     parse_spool_document,
 )
+from exporter.vocabulary import RejectReason
 from tests.nixhelpers import Built, hydra_payload
 
 HASH_A = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -50,7 +50,7 @@ def without(key: str) -> dict[str, Any]:
 def rejected(func: Any, *args: Any) -> EventRejected:
     with pytest.raises(EventRejected) as info:
         func(*args)
-    assert info.value.reason in REJECT_REASONS
+    assert info.value.reason in set(RejectReason)
     assert str(info.value) == info.value.message
     return info.value
 

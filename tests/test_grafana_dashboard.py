@@ -19,11 +19,6 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS
-from bridge.events import REJECT_REASONS, SOURCES
-from bridge.matching import IGNORE_REASONS
-from bridge.statedb import STATES
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics, HydraDbMetrics, QueueCollector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,11 +145,6 @@ def registry_metrics() -> dict[str, set[str]]:
         registry,
         version="0.0.0-test",
         caches=caches,
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=FAILURE_REASONS,
-        skip_reasons=SKIP_REASONS,
     )
     # Gauges set only at run time (last_*, log_source_readable) have no children yet:
     # give every labelled metric one child so its sample names and labels show up.
@@ -166,7 +156,6 @@ def registry_metrics() -> dict[str, set[str]]:
         QueueCollector(
             lambda: ({("team", "pending"): 1}, {"team": 0.0}),
             caches,
-            STATES,
             lambda: 1.0,
         )
     )

@@ -14,12 +14,10 @@ from prometheus_client import CollectorRegistry
 from bridge import hydrasource
 from bridge.clock import SystemClock
 from bridge.config import Config, parse_config
-from bridge.events import REJECT_REASONS, SOURCES
 from bridge.hydradb import HydraReader, parse_notification
 from bridge.hydrasource import HydraDbSource
 from bridge.hydrastate import HydraState
 from bridge.intake import Intake
-from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
 from tests.pghelpers import HydraDatabase, hydra_db, notification_payloads, postgres_server
@@ -46,11 +44,6 @@ class Harness:
             self.registry,
             version="test",
             caches={"local": "nix-copy"},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=(),
-            skip_reasons=(),
         )
         self.db_metrics = HydraDbMetrics(self.registry)
         self.queue = StateDb(config.database_path, shared=True)

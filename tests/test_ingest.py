@@ -14,18 +14,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, JobPattern, Rule, SpoolSettings
-from bridge.events import REJECT_REASONS, SOURCES, hook_envelope, hydra_envelope
+from bridge.events import hook_envelope, hydra_envelope
 from bridge.ingest import SETTLE_SECONDS, Ingestor
 from bridge.intake import Intake
-from bridge.matching import IGNORE_REASONS
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb
 from bridge.store import NixStore
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import RejectReason
 from tests.dbrows import event_rows
 from tests.nixhelpers import Built, build, hydra_payload
 
@@ -46,11 +44,6 @@ class Harness:
             self.registry,
             version="test",
             caches={"c": "nix-copy"},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
         )
         self.queue: StateDb | None = None
         self.woken = 0
@@ -234,7 +227,7 @@ def test_malformed_file_is_quarantined_with_its_reason(
     assert record["message"]
     assert (h.layout.quarantine / bad.name).read_bytes() == MALFORMED[reason](built[0])
     assert h.value("events_rejected_total", reason=reason) == 1
-    others = [r for r in REJECT_REASONS if r != reason]
+    others = [r for r in RejectReason if r != reason]
     assert all(h.value("events_rejected_total", reason=r) == 0 for r in others)
     assert h.queue is not None and not h.queue.seen_spool_file(bad.name)
     assert h.queue.seen_spool_file(good.name)
@@ -450,7 +443,7 @@ def test_transient_error_reading_an_event_leaves_it_for_the_next_pass(
     stats = ingestor.ingest(ingestor.scan())
     assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
     assert h.incoming() == [event_file.name]
-    assert all(h.value("events_rejected_total", reason=r) == 0 for r in REJECT_REASONS)
+    assert all(h.value("events_rejected_total", reason=r) == 0 for r in RejectReason)
 
     monkeypatch.setattr(bridge.ingest, "read_event_file", real)
     stats = ingestor.ingest(ingestor.scan())

@@ -10,15 +10,12 @@ from types import MappingProxyType
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, LogSource, Rule
-from bridge.events import REJECT_REASONS, SOURCES, Event
+from bridge.events import Event
 from bridge.intake import Intake, Recorded
 from bridge.logfollow import LogFollower, extract_store_paths
-from bridge.matching import IGNORE_REASONS
 from bridge.statedb import StateDb
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
 from tests.dbrows import event_rows
 
@@ -49,11 +46,6 @@ class Harness:
             CollectorRegistry(),
             version="test",
             caches={"c": "nix-copy"},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
         )
         self.followers: list[LogFollower] = []
         self.counted: list[tuple[Event, str, dict[str, int]]] = []

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from bridge.config import ConfigError, JobPattern, Rule, parse_config
 from bridge.events import Event
-from bridge.matching import IGNORE_REASONS, MatchResult, match_event
+from bridge.matching import MatchResult, match_event
+from exporter.vocabulary import IgnoreReason
 
 OUT = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12.1"
 DEV = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-hello-2.12.1-dev"
@@ -63,7 +64,7 @@ class TestMatchResult:
         assert not MatchResult((), "no_rule").targets
 
     def test_reasons_are_bounded(self) -> None:
-        assert IGNORE_REASONS == ("no_rule", "status_filtered", "excluded", "no_outputs")
+        assert tuple(IgnoreReason) == ("no_rule", "status_filtered", "excluded", "no_outputs")
 
     def test_frozen(self) -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -253,7 +254,7 @@ class TestNoOutputs:
             match_event(hydra(SPEC), [rule("c", exclude=("*",))]),
             match_event(hydra(), [rule("c")]),
         ]
-        assert [c.ignored_reason for c in cases] == list(IGNORE_REASONS)
+        assert [c.ignored_reason for c in cases] == list(IgnoreReason)
 
 
 # --------------------------------------------------------------------------- Hydra's rules

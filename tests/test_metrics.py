@@ -6,22 +6,30 @@ import re
 import shutil
 import subprocess
 import time
+import typing
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from bridge.backends import FAILURE_REASONS
-from bridge.events import REJECT_REASONS, SOURCES
-from bridge.matching import IGNORE_REASONS
-from bridge.statedb import STATES, StateDb
-from bridge.worker import SKIP_REASONS
+from bridge.statedb import StateDb
 from exporter.metrics import (
+    METRICS,
     PREFIX,
     UPLOAD_BUCKETS,
     BridgeMetrics,
     QueueCollector,
     without_created,
+)
+from exporter.vocabulary import (
+    BackendKind,
+    FailureReason,
+    IgnoreReason,
+    ItemState,
+    RejectReason,
+    SkipReason,
+    Source,
 )
 
 CACHES = {"team": "cachix", "mirror": "nix-copy"}
@@ -35,11 +43,6 @@ def make(
         registry,
         version="9.9.9",
         caches=CACHES,
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=FAILURE_REASONS,
-        skip_reasons=SKIP_REASONS,
         per_jobset=per_jobset,
         per_jobset_limit=per_jobset_limit,
     )
@@ -67,17 +70,17 @@ def test_known_label_sets_exist_at_zero_before_any_event() -> None:
     for cache, backend in CACHES.items():
         assert value(f"{PREFIX}_paths_pushed_total", {"cache": cache}) == 0
         assert value(f"{PREFIX}_pushes_started_total", {"cache": cache, "backend": backend}) == 0
-        for reason in FAILURE_REASONS:
+        for reason in FailureReason:
             labels = {"cache": cache, "backend": backend, "reason": reason}
             assert value(f"{PREFIX}_pushes_failed_total", labels) == 0
         assert value(f"{PREFIX}_dead_letters_total", {"cache": cache}) == 0
         assert value(f"{PREFIX}_push_duration_seconds_count", {"cache": cache}) == 0
-    for source in SOURCES:
+    for source in Source:
         assert value(f"{PREFIX}_events_received_total", {"source": source}) == 0
-        for reason in IGNORE_REASONS:
+        for reason in IgnoreReason:
             labels = {"source": source, "reason": reason}
             assert value(f"{PREFIX}_events_ignored_total", labels) == 0
-    for reason in REJECT_REASONS:
+    for reason in RejectReason:
         assert value(f"{PREFIX}_events_rejected_total", {"reason": reason}) == 0
     assert value(f"{PREFIX}_build_info", {"version": "9.9.9"}) == 1
 
@@ -127,9 +130,7 @@ def test_queue_collector_reads_the_database_at_scrape_time(tmp_path: Path) -> No
     path = "/nix/store/2jmiqxxd2z4ypk8am71rc6kffqzgma57-t"
     registry = CollectorRegistry()
     registry.register(
-        QueueCollector(
-            lambda: (queue.counts(), queue.oldest_pending()), CACHES, STATES, lambda: now + 30
-        )
+        QueueCollector(lambda: (queue.counts(), queue.oldest_pending()), CACHES, lambda: now + 30)
     )
     value = registry.get_sample_value
     assert value(f"{PREFIX}_queue_items", {"cache": "team", "state": "pending"}) == 0
@@ -153,7 +154,7 @@ def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     assert promtool, "promtool missing: the test command installs Debian's prometheus"
     registry = CollectorRegistry()
     metrics = make(registry)
-    registry.register(QueueCollector(lambda: ({}, {}), CACHES, STATES, time.time))
+    registry.register(QueueCollector(lambda: ({}, {}), CACHES, time.time))
     metrics.count_paths("team", [(None, None)])
     metrics.last_success.labels("team").set(time.time())
     done = subprocess.run(
@@ -171,11 +172,6 @@ def test_log_source_gauge_is_labelled_by_configured_path() -> None:
         registry,
         version="1",
         caches=CACHES,
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=FAILURE_REASONS,
-        skip_reasons=SKIP_REASONS,
         log_sources=["/var/log/hydra/hook.log"],
     )
     name = f"{PREFIX}_log_source_readable"
@@ -219,3 +215,44 @@ def test_per_jobset_labels_are_capped_with_an_other_bucket() -> None:
         for sample in family.samples
     }
     assert jobsets == {"pr-0", "pr-1", "pr-2", "(other)", ""}
+
+
+def _label_values(registry: CollectorRegistry, sample: str, label: str) -> set[str]:
+    return {
+        s.labels[label]
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == sample and label in s.labels
+    }
+
+
+def test_pre_created_label_values_are_exactly_the_vocabularies() -> None:
+    registry = CollectorRegistry()
+    make(registry)
+    registry.register(QueueCollector(lambda: ({}, {}), CACHES, time.time))
+    expected: list[tuple[str, str, type[StrEnum]]] = [
+        ("events_received_total", "source", Source),
+        ("events_matched_total", "source", Source),
+        ("events_ignored_total", "source", Source),
+        ("events_ignored_total", "reason", IgnoreReason),
+        ("events_rejected_total", "reason", RejectReason),
+        ("pushes_failed_total", "reason", FailureReason),
+        ("paths_failed_total", "reason", FailureReason),
+        ("paths_skipped_total", "reason", SkipReason),
+        ("queue_items", "state", ItemState),
+    ]
+    for sample, label, vocabulary in expected:
+        values = _label_values(registry, f"{PREFIX}_{sample}", label)
+        assert values == {member.value for member in vocabulary}, (sample, label)
+    backends = _label_values(registry, f"{PREFIX}_pushes_started_total", "backend")
+    assert backends == set(CACHES.values()) == {kind.value for kind in BackendKind}
+
+
+def test_metric_table_matches_the_typed_attributes() -> None:
+    names = [spec.name for spec in METRICS]
+    attrs = [spec.attr for spec in METRICS]
+    assert len(set(names)) == len(names) and len(set(attrs)) == len(attrs)
+    assert set(attrs) == set(typing.get_type_hints(BridgeMetrics))
+    metrics = make(CollectorRegistry())
+    for spec in METRICS:
+        assert isinstance(getattr(metrics, spec.attr), spec.kind), spec.attr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from bridge.events import Event
 from bridge.statedb import CacheHealth, DeadLetter, Item, LogOffset, StateDb, StateDbError
+from exporter.vocabulary import ItemState
 from tests.dbrows import event_rows
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -680,3 +682,18 @@ def test_recently_pushed_is_newest_first_per_cache(queue: StateDb) -> None:
         queue.mark_pushed([item], T0 + offset)
     assert queue.recently_pushed("c", limit=2) == [paths[3], paths[2]]
     assert queue.recently_pushed("d") == []
+
+
+def test_the_schema_allows_exactly_the_item_states(tmp_path: Path) -> None:
+    """The CHECK constraint is SQL text: it must list the same states as ItemState."""
+    queue = StateDb(tmp_path / "q.sqlite3")
+    try:
+        (sql,) = queue.conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'items'"
+        ).fetchone()
+        found = re.search(r"CHECK \(state IN \(([^)]*)\)\)", sql)
+        assert found is not None, sql
+        listed = [value.strip().strip("'") for value in found.group(1).split(",")]
+        assert listed == [state.value for state in ItemState]
+    finally:
+        queue.close()

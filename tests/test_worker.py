@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS, Backend, CachixBackend, NixCopyBackend, PushOutcome
+from bridge.backends import Backend, CachixBackend, NixCopyBackend, PushOutcome
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, PushSettings
-from bridge.events import REJECT_REASONS, SOURCES, Event
-from bridge.matching import IGNORE_REASONS
+from bridge.events import Event
 from bridge.statedb import StateDb
 from bridge.store import NixStore
-from bridge.worker import SKIP_REASONS, BackoffPolicy, PushWorkers, parallel_limits
+from bridge.worker import BackoffPolicy, PushWorkers, parallel_limits
 from exporter.metrics import BridgeMetrics
 from tests.nixhelpers import Built, build, narinfo
 
@@ -123,11 +122,6 @@ class Harness:
             self.registry,
             version="test",
             caches={name: cache.backend for name, cache in caches.items()},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
         )
         workers = PushWorkers(
             settings=PushSettings(**defaults),  # type: ignore[arg-type]

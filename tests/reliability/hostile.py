@@ -6,7 +6,7 @@ The properties, for every input:
   * nothing but `EventRejected` comes out of validation, and nothing at all out of ingest;
   * the input is either accepted as an event whose every path is a valid store path (checked
     against an independent copy of the syntax in REFERENCE.md §4, and present verbatim in the
-    input), or quarantined with a reason from REJECT_REASONS and a `.reason` file;
+    input), or quarantined with a reason from RejectReason and a `.reason` file;
   * nothing is left in incoming/ (for candidate names);
   * the hook exits 0;
   * no input reaches a shell: a canary file that `$(touch …)`, backticks, `;`, `|`, `&&`
@@ -42,23 +42,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS, CachixBackend, NixCopyBackend
+from bridge.backends import CachixBackend, NixCopyBackend
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, Rule, SpoolSettings
 from bridge.events import (
-    REJECT_REASONS,
-    SOURCES,
     hook_envelope,
     hydra_envelope,
 )
 from bridge.ingest import Ingestor, spool_name
 from bridge.intake import Intake
-from bridge.matching import IGNORE_REASONS
 from bridge.spool import SpoolLayout, reason_path
 from bridge.statedb import StateDb
 from bridge.store import NixStore, outputs_from_drv_file
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import RejectReason
 from tests.nixhelpers import Built, hydra_payload, offline_env
 from tests.reliability.reporting import write_report
 
@@ -216,11 +213,6 @@ class Harness:
             self.registry,
             version="test",
             caches={"c": "nix-copy"},
-            sources=SOURCES,
-            reject_reasons=REJECT_REASONS,
-            ignore_reasons=IGNORE_REASONS,
-            failure_reasons=FAILURE_REASONS,
-            skip_reasons=SKIP_REASONS,
         )
         self.config = Config(
             state_dir=root / "state",
@@ -317,7 +309,7 @@ def check_ingest(h: Harness, name: str, data: bytes, v: Violations) -> str | Non
     """Ingest the file `name` (already in incoming/ with `data`) with a rescan, like the
     daemon does, and check the outcome. Returns "recorded", "quarantined" or None."""
     ex = describe(name, data)
-    before = {r: h.rejected(r) for r in REJECT_REASONS}
+    before = {r: h.rejected(r) for r in set(RejectReason)}
     try:
         stats = h.ingestor.ingest(h.ingestor.scan())
     except Exception as exc:
@@ -371,7 +363,7 @@ def check_ingest(h: Harness, name: str, data: bytes, v: Violations) -> str | Non
         return None
     record = json.loads(reason_file.read_text())
     if (
-        record.get("reason") not in REJECT_REASONS
+        record.get("reason") not in set(RejectReason)
         or record.get("file") != name
         or record.get("quarantined_as") != name
     ):

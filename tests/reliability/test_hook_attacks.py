@@ -35,24 +35,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.backends import FAILURE_REASONS
 from bridge.config import CacheConfig, Config, Rule, SpoolSettings, load_config
-from bridge.events import (
-    REJECT_REASONS,
-    SOURCES,
-    decode_json,
-    hook_envelope,
-    hydra_envelope,
-    parse_spool_document,
-)
+from bridge.events import decode_json, hook_envelope, hydra_envelope, parse_spool_document
 from bridge.ingest import Ingestor
 from bridge.intake import Intake
-from bridge.matching import IGNORE_REASONS
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb
 from bridge.store import NixStore
-from bridge.worker import SKIP_REASONS
 from exporter.metrics import BridgeMetrics
+from exporter.vocabulary import RejectReason
 from tests.asuser import NOBODY, run_as
 from tests.nixhelpers import build, hydra_payload
 
@@ -434,11 +425,6 @@ def _metrics() -> BridgeMetrics:
         CollectorRegistry(),
         version="test",
         caches={"c": "nix-copy"},
-        sources=SOURCES,
-        reject_reasons=REJECT_REASONS,
-        ignore_reasons=IGNORE_REASONS,
-        failure_reasons=FAILURE_REASONS,
-        skip_reasons=SKIP_REASONS,
     )
 
 
@@ -461,7 +447,7 @@ def _ingest_as_daemon(config_path: Path, passes: int = 1) -> dict[str, Any]:
             reason: metrics.registry.get_sample_value(
                 "hydra_cachix_bridge_events_rejected_total", {"reason": reason}
             )
-            for reason in REJECT_REASONS
+            for reason in RejectReason
         }
         queue.close()
         return {**totals, "events": rows, "rejected": {k: v for k, v in rejected.items() if v}}

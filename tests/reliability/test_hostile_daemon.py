@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from bridge.events import (
-    REJECT_REASONS,
     hook_envelope,
 )
 from bridge.spool import SpoolLayout, reason_path
+from exporter.vocabulary import RejectReason
 from tests.integration.daemonproc import DaemonProcess, enqueue_all, wait_for
 from tests.nixhelpers import build, narinfo
 from tests.reliability.hostile import (
@@ -191,7 +191,7 @@ def test_daemon_survives_a_burst_of_hostile_files_and_still_pushes(
             n: json.loads((layout.quarantine / f"{n}.reason").read_text())["reason"]
             for n in quarantined
         }
-        assert set(reasons.values()) <= set(REJECT_REASONS), reasons
+        assert set(reasons.values()) <= set(RejectReason), reasons
         for name in [*not_regular, "socket.json"]:
             if reasons[name] != "not_regular_file":
                 problems.append(f"{name}: quarantined as {reasons[name]}, not not_regular_file")
@@ -263,7 +263,7 @@ def test_daemon_quarantines_a_hard_link_and_leaves_its_other_name_alone(
     assert reason_file.is_file(), (
         "a hard link to a file outside the spool was read and recorded instead of quarantined"
     )
-    assert json.loads(reason_file.read_text())["reason"] in REJECT_REASONS
+    assert json.loads(reason_file.read_text())["reason"] in set(RejectReason)
 
 
 POISON: list[tuple[str | bytes, bytes]] = [

@@ -20,11 +20,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.events import (
-    REJECT_REASONS,
     EventRejected,
 )
 from bridge.producers import PayloadRejected, record_hydra_payload
 from bridge.spool import SpoolLayout
+from exporter.vocabulary import RejectReason
 from tests.integration.daemonproc import bridge
 from tests.nixhelpers import hydra_payload
 from tests.reliability.hostile import (
@@ -110,7 +110,7 @@ def test_hydra_payloads_in_process(tmp_path: Path) -> None:
             return
         outcomes[verdict] += 1
         if verdict == "rejected":
-            if result.reason not in REJECT_REASONS:
+            if result.reason not in set(RejectReason):
                 v.add(f"unknown reject reason {result.reason!r}", ex)
             reason = json.loads(Path(f"{path}.reason").read_text())
             if reason["reason"] != result.reason or path.read_bytes() != data:
@@ -237,7 +237,7 @@ def test_hydra_payloads_through_the_real_cli(tmp_path: Path) -> None:
         elif done.returncode == 1 and "Traceback" not in done.stderr:
             lines = done.stderr.strip().splitlines()
             found = re.match(r"hydra-cachix-bridge: invalid Hydra payload \((\w+)\)", lines[0])
-            if len(lines) != 1 or found is None or found.group(1) not in REJECT_REASONS:
+            if len(lines) != 1 or found is None or found.group(1) not in set(RejectReason):
                 v.add(f"exit 1 without a one-line reason: {done.stderr[:200]!r}", ex)
             saved = [n for n in new_quarantine if not n.endswith(".reason")]
             content = (h.layout.quarantine / saved[0]).read_bytes() if len(saved) == 1 else None

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.events import REJECT_REASONS, hook_envelope, hydra_envelope
+from bridge.events import hook_envelope, hydra_envelope
 from bridge.hookscript import render_hook_script
 from bridge.spool import SpoolLayout
+from exporter.vocabulary import RejectReason
 from tests.integration.daemonproc import DaemonProcess, bridge, free_port, wait_for
 from tests.nixhelpers import build, hydra_payload
 
@@ -272,7 +273,7 @@ def test_daemon_never_follows_symlinks_or_reads_non_regular_files(
     reasons = {
         name: json.loads((quarantine / f"{name}.reason").read_text())["reason"] for name in names
     }
-    assert set(reasons.values()) <= set(REJECT_REASONS)
+    assert set(reasons.values()) <= set(RejectReason)
     for name in names[:-1]:  # the socket's label is checked in test_hostile_daemon.py
         assert reasons[name] == "not_regular_file", (name, reasons[name])
     # The links were moved, not followed: the target is untouched and was never recorded.
