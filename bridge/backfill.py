@@ -10,8 +10,9 @@ from bridge.hydradb import HydraReader
 from bridge.hydrasource import HydraRecorder
 from bridge.intake import Intake
 from bridge.statedb import StateDb
+from exporter.vocabulary import Source
 
-SOURCE = "backfill"
+SOURCE = Source.BACKFILL
 PAGE = 2000
 
 

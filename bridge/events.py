@@ -160,6 +160,19 @@ def _finite(value: float | int | None, what: str) -> float | None:
     return result
 
 
+def _store_paths(drv: tuple[str, str] | None, outputs: list[tuple[str, str]]) -> list[str]:
+    """Check the derivation and the output paths, each given with the message that rejects
+    it, in that order; return the outputs without repeats, in order."""
+    if drv is not None and not is_derivation_path(drv[0]):
+        raise _reject(drv[1], RejectReason.INVALID_STORE_PATH)
+    paths: dict[str, None] = {}
+    for path, message in outputs:
+        if not is_store_path(path):
+            raise _reject(message, RejectReason.INVALID_STORE_PATH)
+        paths[path] = None
+    return list(paths)
+
+
 def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     """Validate a Hydra RunCommand payload (buildFinished) into an Event."""
     where = "hydra payload"
@@ -182,10 +195,6 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     jobset = _name(payload, "jobset", where)
     job = _name(payload, "job", where)
     drv_path = _field(payload, "drvPath", (str,), nullable=False, required=True, where=where)
-    if not is_derivation_path(drv_path):
-        raise _reject(
-            f"{where}: drvPath is not a derivation store path", RejectReason.INVALID_STORE_PATH
-        )
     status = _field(payload, "buildStatus", (int,), nullable=True, required=True, where=where)
     if status is not None and not -(2**31) <= status < 2**31:
         raise _reject(f"{where}: buildStatus out of range")
@@ -198,7 +207,7 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
     outputs = _field(payload, "outputs", (list,), nullable=False, required=True, where=where)
     if len(outputs) > MAX_OUTPUTS:
         raise _reject(f"{where}: more than {MAX_OUTPUTS} outputs")
-    paths: list[str] = []
+    named: list[tuple[str, str]] = []
     skipped = 0
     for index, output in enumerate(outputs):
         owhere = f"{where}: outputs[{index}]"
@@ -209,10 +218,8 @@ def parse_hydra_payload(payload: Any, received_at: float) -> Event:
         if path is None:
             skipped += 1  # a content-addressed output that was never realised
             continue
-        if not is_store_path(path):
-            raise _reject(f"{owhere}: path is not a store path", RejectReason.INVALID_STORE_PATH)
-        if path not in paths:
-            paths.append(path)
+        named.append((path, f"{owhere}: path is not a store path"))
+    paths = _store_paths((drv_path, f"{where}: drvPath is not a derivation store path"), named)
     return Event(
         source=Source.HYDRA,
         received_at=received_at,
@@ -233,18 +240,10 @@ def parse_hook_fields(drv_path: Any, out_paths: Any, received_at: float) -> Even
     if not isinstance(drv_path, str) or not isinstance(out_paths, str):
         raise _reject("hook event: drv_path and out_paths must be strings")
     drv = drv_path.strip() or None
-    if drv is not None and not is_derivation_path(drv):
-        raise _reject(
-            "hook event: DRV_PATH is not a derivation store path", RejectReason.INVALID_STORE_PATH
-        )
-    paths: list[str] = []
-    for path in out_paths.split():
-        if not is_store_path(path):
-            raise _reject(
-                "hook event: OUT_PATHS has a non-store path", RejectReason.INVALID_STORE_PATH
-            )
-        if path not in paths:
-            paths.append(path)
+    paths = _store_paths(
+        None if drv is None else (drv, "hook event: DRV_PATH is not a derivation store path"),
+        [(path, "hook event: OUT_PATHS has a non-store path") for path in out_paths.split()],
+    )
     if len(paths) > MAX_OUTPUTS:
         raise _reject(f"hook event: more than {MAX_OUTPUTS} outputs")
     if drv is None and not paths:
@@ -270,6 +269,12 @@ def parse_spool_document(doc: Any, fallback_time: float) -> Event:
     if kind == "hook":
         return parse_hook_fields(doc.get("drv_path", ""), doc.get("out_paths", ""), received_at)
     raise _reject(f"event file: unknown kind {str(kind)[:32]!r}")
+
+
+def parse_spool_file(data: bytes, fallback_time: float) -> Event:
+    """Decode and validate the bytes of one spool event file."""
+    document = decode_json(data)
+    return parse_spool_document(document, fallback_time)
 
 
 def hydra_envelope(payload: Any, received_at: float) -> dict[str, Any]:

@@ -33,11 +33,11 @@ from bridge.retrying import FailureBackoff
 from bridge.secrets import SecretError
 from bridge.statedb import StateDb
 from exporter.metrics import HydraDbMetrics
-from exporter.vocabulary import RejectReason
+from exporter.vocabulary import RejectReason, Source
 
 log = logging.getLogger(__name__)
 
-SOURCE = "hydra-db"
+SOURCE = Source.HYDRA_DB
 CHANNEL = "build_finished"
 PAGE = 5000
 WAIT_SLICE_SECONDS = 0.5

@@ -8,20 +8,19 @@ checkpoint), and after the commit hands what was recorded to `Intake.announce`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from bridge.clock import Clock
 from bridge.describe import describe_queued
 from bridge.events import Event
-from bridge.logsetup import printable
+from bridge.logsetup import input_logger
 from bridge.matching import MatchResult, Rule, match_event
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics
 from exporter.vocabulary import MATCHED
 
-log = logging.getLogger(__name__)
+log = input_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class Intake:
             log.info(
                 "event from %s%s: %s",
                 item.event.source,
-                f" ({printable(item.origin)})" if item.origin else "",
+                f" ({item.origin})" if item.origin else "",
                 describe_queued(item.enqueued, item.outcome, len(item.event.out_paths)),
             )
         if queued:

@@ -34,6 +34,25 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
+class EscapeArguments(logging.Filter):
+    """Escapes a record's text arguments as it is logged, before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Replace every str argument by its printable form; keep the record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def input_logger(name: str) -> logging.Logger:
+    """The logger of a module that logs text taken from events, files or other programs:
+    its arguments are escaped at the source, so every handler gets safe text."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, EscapeArguments) for f in logger.filters):
+        logger.addFilter(EscapeArguments())
+    return logger
+
+
 class EscapingFormatter(logging.Formatter):
     """A formatter that escapes the message and each line of a traceback."""
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.logsetup import printable
+from bridge.logsetup import input_logger
 from bridge.spool import REASON_SUFFIX, SpoolLayout, reason_path
 from bridge.statedb import StateDb
 from exporter.vocabulary import RejectReason
 
-log = logging.getLogger(__name__)
+log = input_logger(__name__)
 
 # A .reason file that cannot be read or names no known reason is counted under this one,
 # so the metric's label set stays bounded.
@@ -170,10 +169,10 @@ class RejectionCounter:
             self.count(entry.reason)
             log.warning(
                 "rejected event %s found in quarantine as %s: %s: %s",
-                printable(entry.file),
-                printable(entry.quarantined_as),
+                entry.file,
+                entry.quarantined_as,
                 entry.reason,
-                printable(entry.message),
+                entry.message,
             )
         if gone:
             # Removed by the operator: forget them, so the table does not grow forever.

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.process import CommandResult, run_command
+from bridge.process import run_command
 from bridge.safeopen import TRANSIENT_ERRNOS, NotRegularFile, read_regular_file
 from bridge.storepath import is_store_path
 
@@ -101,12 +101,18 @@ class NixStore:
     timeout: float = QUERY_TIMEOUT_SECONDS
 
     def _run(self, args: list[str]) -> str:
-        result = run_command([self.nix_store, *args], timeout=self.timeout)
-        if not result.ok:
-            _raise_transient(result)
-            detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
-            raise StoreQueryError(f"nix-store {args[0]} failed: {detail}")
-        return result.output
+        return self._output([self.nix_store, *args], f"nix-store {args[0]}")
+
+    def _output(self, command: list[str], what: str) -> str:
+        """The command's output. OSError when it could not start for want of descriptors or
+        memory (the machine, not the query, is at fault); StoreQueryError when it failed."""
+        result = run_command(command, timeout=self.timeout)
+        if result.ok:
+            return result.output
+        if result.spawn_errno in TRANSIENT_ERRNOS:
+            raise OSError(result.spawn_errno, result.spawn_error or "cannot start")
+        detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
+        raise StoreQueryError(f"{what} failed: {detail}")
 
     def resolve_outputs(self, drv_path: str) -> list[str]:
         """Output paths of a derivation (for hook events whose OUT_PATHS was empty)."""
@@ -148,13 +154,9 @@ class NixStore:
             chunk = paths[start : start + PATH_INFO_CHUNK]
             command = [self.nix, "--extra-experimental-features", "nix-command", "path-info"]
             command += ["--json", "--option", "substituters", "", "--", *chunk]
-            result = run_command(command, timeout=self.timeout)
-            if not result.ok:
-                _raise_transient(result)
-                detail = result.spawn_error or result.output.strip().splitlines()[-1:] or ["failed"]
-                raise StoreQueryError(f"nix path-info failed: {detail}")
+            output = self._output(command, "nix path-info")
             # Output mixes stdout and stderr: the JSON is the one line that starts as JSON.
-            lines = [ln for ln in result.output.splitlines() if ln.startswith(("[", "{"))]
+            lines = [ln for ln in output.splitlines() if ln.startswith(("[", "{"))]
             if not lines:
                 raise StoreQueryError("nix path-info --json printed no JSON")
             found.update(parse_path_info(lines[-1]))
@@ -177,9 +179,3 @@ class NixStore:
         if len(sizes) != len(paths):
             return dict.fromkeys(paths, 0)
         return {path: int(size) for path, size in zip(paths, sizes, strict=True)}
-
-
-def _raise_transient(result: CommandResult) -> None:
-    """Raise OSError when the command could not start for want of descriptors or memory."""
-    if result.spawn_errno in TRANSIENT_ERRNOS:
-        raise OSError(result.spawn_errno, result.spawn_error or "cannot start")

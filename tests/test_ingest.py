@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, Config, JobPattern, Rule, SpoolSettings
 from bridge.events import hook_envelope, hydra_envelope
-from bridge.ingest import SETTLE_SECONDS, Ingestor
+from bridge.ingest import Ingestor
 from bridge.intake import Intake
 from bridge.spool import SpoolLayout, write_event
+from bridge.spoolread import SETTLE_SECONDS
 from bridge.statedb import StateDb
 from bridge.store import NixStore
 from exporter.metrics import BridgeMetrics
@@ -430,22 +431,22 @@ def test_transient_error_reading_an_event_leaves_it_for_the_next_pass(
 ) -> None:
     import errno
 
-    import bridge.ingest
+    import bridge.spoolread
 
     ingestor = h.make()
     event_file = write_event(h.layout, "hydra", hydra_doc(built[0]))
-    real = bridge.ingest.read_event_file
+    real = bridge.spoolread.read_event_file
 
     def failing(path: Path, max_bytes: int) -> Any:
         raise OSError(getattr(errno, name), os.strerror(getattr(errno, name)))
 
-    monkeypatch.setattr(bridge.ingest, "read_event_file", failing)
+    monkeypatch.setattr(bridge.spoolread, "read_event_file", failing)
     stats = ingestor.ingest(ingestor.scan())
     assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
     assert h.incoming() == [event_file.name]
     assert all(h.value("events_rejected_total", reason=r) == 0 for r in RejectReason)
 
-    monkeypatch.setattr(bridge.ingest, "read_event_file", real)
+    monkeypatch.setattr(bridge.spoolread, "read_event_file", real)
     stats = ingestor.ingest(ingestor.scan())
     assert stats.recorded == 1
     assert h.items() == [("c", built[0].out, "pending")]
@@ -475,7 +476,7 @@ def test_out_of_descriptors_while_reading_the_drv_defers_the_event(
 def test_out_of_memory_defers_the_event(
     h: Harness, built: list[Built], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bridge.ingest
+    import bridge.events
 
     ingestor = h.make()
     write_event(h.layout, "hydra", hydra_doc(built[0]))
@@ -483,7 +484,7 @@ def test_out_of_memory_defers_the_event(
     def no_memory(data: bytes) -> Any:
         raise MemoryError
 
-    monkeypatch.setattr(bridge.ingest, "decode_json", no_memory)
+    monkeypatch.setattr(bridge.events, "decode_json", no_memory)
     stats = ingestor.ingest(ingestor.scan())
     assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
     assert len(h.incoming()) == 1

@@ -74,3 +74,28 @@ def test_control_and_bidi_characters_from_events_are_escaped(tmp_path: Path) -> 
         assert not any(line.startswith("<3>forged") for line in lines)
         assert "ValueError: bad\\x1b]0;title\\x07" in text  # the traceback keeps its lines
         assert any(line.startswith("Traceback") for line in lines)
+
+
+def test_an_input_logger_escapes_its_arguments_before_any_handler() -> None:
+    import logging
+
+    from bridge.logsetup import input_logger
+
+    logger = input_logger("bridge.test_input_logger")
+    assert input_logger("bridge.test_input_logger") is logger
+    assert len(logger.filters) == 1  # asking twice adds no second filter
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("file %s, %d byte(s)", "a\n2026 INFO forged\x1b[2K\u202e", 3)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "file a\\n2026 INFO forged\\x1b[2K\\u202e, 3 byte(s)"
+    ]

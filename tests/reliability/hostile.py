@@ -49,9 +49,10 @@ from bridge.events import (
     hook_envelope,
     hydra_envelope,
 )
-from bridge.ingest import Ingestor, spool_name
+from bridge.ingest import Ingestor
 from bridge.intake import Intake
 from bridge.spool import SpoolLayout, reason_path
+from bridge.spoolread import spool_name
 from bridge.statedb import StateDb
 from bridge.store import NixStore, outputs_from_drv_file
 from exporter.metrics import BridgeMetrics
@@ -331,7 +332,7 @@ def check_ingest(h: Harness, name: str, data: bytes, v: Violations) -> str | Non
         row = h.queue.conn.execute(
             "SELECT id, drv_path, spool_name FROM events ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        # Undecodable bytes of a name are stored backslash-escaped (bridge.ingest.spool_name).
+        # Undecodable bytes of a name are stored backslash-escaped (bridge.spoolread.spool_name).
         if row is None or row[2] != spool_name(Path(name)):
             v.add("recorded but no events row for the file", ex)
             return None
