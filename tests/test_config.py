@@ -20,17 +20,16 @@ from bridge.config import (
     CacheConfig,
     Config,
     ConfigError,
-    JobPattern,
     LogSource,
     MetricsSettings,
     PushSettings,
-    Rule,
     SpoolSettings,
     default_config,
     default_state_dir,
     load_config,
     parse_config,
 )
+from bridge.matching import JobPattern, Rule
 from bridge.preflight import check_host
 from bridge.render import render_config
 from exporter.vocabulary import Source

@@ -23,11 +23,11 @@ from bridge.config import (
     LogSource,
     MetricsSettings,
     PushSettings,
-    Rule,
     SpoolSettings,
 )
 from bridge.daemon import Daemon, DaemonError
 from bridge.events import Event, hook_envelope
+from bridge.matching import Rule
 from bridge.producers import record_hydra_payload
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb

@@ -15,10 +15,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.clock import SystemClock
-from bridge.config import CacheConfig, Config, JobPattern, Rule, SpoolSettings
+from bridge.config import CacheConfig, Config, SpoolSettings
 from bridge.events import hook_envelope, hydra_envelope
 from bridge.ingest import Ingestor
 from bridge.intake import Intake
+from bridge.matching import JobPattern, Rule
 from bridge.spool import SpoolLayout, write_event
 from bridge.spoolread import SETTLE_SECONDS
 from bridge.statedb import StateDb

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.clock import SystemClock
-from bridge.config import CacheConfig, Config, LogSource, Rule
+from bridge.config import CacheConfig, Config, LogSource
 from bridge.events import Event
 from bridge.intake import Intake, Recorded
 from bridge.logfollow import LogFollower, extract_store_paths
+from bridge.matching import Rule
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics
 from tests.dbrows import event_rows

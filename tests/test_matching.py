@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.config import ConfigError, JobPattern, Rule, parse_config
+from bridge.config import ConfigError, parse_config
 from bridge.events import Event
-from bridge.matching import MatchResult, match_event
+from bridge.matching import JobPattern, MatchResult, Rule, match_event
 from exporter.vocabulary import IgnoreReason
 
 OUT = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12.1"

@@ -8,7 +8,6 @@ A deliberately broken copy of the module must fail these same checks.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from bridge.config import Config, parse_config
+from bridge.settings import declared_defaults
 
 pytestmark = pytest.mark.nix
 
@@ -521,19 +521,13 @@ def test_rejected_case_names_the_option(case: str, message: str) -> None:
 
 
 def test_module_defaults_equal_the_daemons_defaults(evaluated: dict[str, Any]) -> None:
-    """Every default the daemon's dataclasses give has the same value in the module."""
+    """Every scalar default the daemon's settings declare has the same value in the module."""
     settings = evaluated["cases"]["minimal"]["result"]["settings"]
-    expected: dict[str, Any] = {}
-    for field in dataclasses.fields(Config):
-        if field.default_factory is not dataclasses.MISSING:
-            section = field.default_factory()
-            if dataclasses.is_dataclass(section):
-                for inner in dataclasses.fields(section):
-                    value = getattr(section, inner.name)
-                    if isinstance(value, bool | int | float | str):
-                        expected[f"{field.name}.{inner.name}"] = value
-        elif isinstance(field.default, bool | int | float | str):
-            expected[field.name] = field.default
+    expected = {
+        key: value
+        for key, value in declared_defaults(Config).items()
+        if isinstance(value, bool | int | float | str)
+    }
     assert len(expected) >= 15, expected
     for key, value in expected.items():
         section, _, name = key.rpartition(".")

@@ -44,13 +44,14 @@ from prometheus_client import CollectorRegistry
 
 from bridge.backends import CachixBackend, NixCopyBackend
 from bridge.clock import SystemClock
-from bridge.config import CacheConfig, Config, Rule, SpoolSettings
+from bridge.config import CacheConfig, Config, SpoolSettings
 from bridge.events import (
     hook_envelope,
     hydra_envelope,
 )
 from bridge.ingest import Ingestor
 from bridge.intake import Intake
+from bridge.matching import Rule
 from bridge.spool import SpoolLayout, reason_path
 from bridge.spoolread import spool_name
 from bridge.statedb import StateDb

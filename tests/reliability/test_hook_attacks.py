@@ -35,10 +35,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.config import CacheConfig, Config, Rule, SpoolSettings, load_config
+from bridge.config import CacheConfig, Config, SpoolSettings, load_config
 from bridge.events import decode_json, hook_envelope, hydra_envelope, parse_spool_document
 from bridge.ingest import Ingestor
 from bridge.intake import Intake
+from bridge.matching import Rule
 from bridge.spool import SpoolLayout, write_event
 from bridge.statedb import StateDb
 from bridge.store import NixStore
