@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
@@ -96,7 +96,7 @@ class CachixBackend:
 
     def command(self) -> list[str]:
         """The argument list (no paths; they go to stdin)."""
-        args = [self.cache.executable or "cachix"]
+        args = [self.cache.executable or BACKEND_KINDS[BackendKind.CACHIX].executable]
         if self.cache.cachix_config is not None:
             args += ["-c", str(resolve_secret_path(self.cache.cachix_config))]
         if self.cache.hostname:
@@ -157,7 +157,7 @@ class NixCopyBackend:
     def command(self, paths: Sequence[str]) -> list[str]:
         """The argument list, paths included."""
         return [
-            self.cache.executable or "nix",
+            self.cache.executable or BACKEND_KINDS[BackendKind.NIX_COPY].executable,
             "--extra-experimental-features",
             "nix-command",
             "copy",
@@ -178,8 +178,26 @@ class NixCopyBackend:
         return outcome_from(result, "nix copy", [])
 
 
+@dataclass(frozen=True)
+class BackendKindSpec:
+    """What the rest of the bridge needs to know of one kind of backend."""
+
+    make: Callable[[CacheConfig], Backend]
+    executable: str
+    """The program run when the cache sets no `executable`."""
+    skips_invalid: bool
+    """The tool skips a path that is not valid in the store and still exits 0, so a
+    successful push must be checked for paths that were not uploaded."""
+
+
+# The one place a new kind of backend is added (with its BackendKind member and the
+# checks of its own settings in config.py).
+BACKEND_KINDS: Mapping[BackendKind, BackendKindSpec] = {
+    BackendKind.CACHIX: BackendKindSpec(CachixBackend, "cachix", skips_invalid=True),
+    BackendKind.NIX_COPY: BackendKindSpec(NixCopyBackend, "nix", skips_invalid=False),
+}
+
+
 def make_backend(cache: CacheConfig) -> Backend:
     """The backend for a configured cache."""
-    if cache.backend == BackendKind.CACHIX:
-        return CachixBackend(cache)
-    return NixCopyBackend(cache)
+    return BACKEND_KINDS[cache.backend].make(cache)

@@ -8,10 +8,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from bridge.backends import BACKEND_KINDS
 from bridge.config import CacheConfig, Config, store_scheme
 from bridge.secrets import SecretError, read_secret
 
-DEFAULT_EXECUTABLES = {"cachix": "cachix", "nix-copy": "nix"}
 SECRET_KEYS = ("auth_token_file", "signing_key_file", "cachix_config")
 
 Which = Callable[[str, str | None], str | None]
@@ -67,7 +67,7 @@ def _secret_problems(name: str, cache: CacheConfig) -> list[tuple[str, str]]:
 def _executable_problems(
     name: str, cache: CacheConfig, path: str | None, which: Which
 ) -> list[tuple[str, str]]:
-    program = cache.executable or DEFAULT_EXECUTABLES.get(cache.backend)
+    program = cache.executable or BACKEND_KINDS[cache.backend].executable
     if program is None:
         return []
     key = f"caches.{name}.executable" if cache.executable else f"caches.{name}.backend"

@@ -25,7 +25,7 @@ CONFIG_ENV = "HYDRA_CACHIX_BRIDGE_CONFIG"
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 MIN_EVENT_BYTES = 256
 MAX_EVENT_BYTES = 64 * 1024 * 1024
-# bridge.config._type_name, by type name (tomllib's dates would need the datetime module).
+# bridge.settings._type_name, by type name (tomllib's dates would need the datetime module).
 TYPE_NAMES = {
     "str": "a string",
     "int": "an integer",
@@ -166,7 +166,7 @@ def spool_target(document: Mapping[str, object], file: str, base: str) -> SpoolT
 def _typed(
     table: Mapping[str, object], name: str, kind: type, prefix: str, file: str, problems: list[str]
 ) -> object:
-    """_Reader.get of bridge.config: the value if it has the type, else a problem and None."""
+    """TableReader.get of bridge.settings: the value if it has the type, else a problem and None."""
     if name not in table:
         return None
     value = table[name]

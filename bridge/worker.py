@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import TypeVar
 
-from bridge.backends import Backend, PushOutcome
+from bridge.backends import BACKEND_KINDS, Backend, PushOutcome
 from bridge.cachehealth import CacheHealthBook, format_time
 from bridge.clock import Clock
 from bridge.config import CacheConfig, PushSettings
@@ -21,7 +21,7 @@ from bridge.safeopen import is_transient
 from bridge.statedb import Item, StateDb
 from bridge.store import NixStore, StoreQueryError
 from exporter.metrics import BridgeMetrics
-from exporter.vocabulary import BackendKind, FailureReason, SkipReason
+from exporter.vocabulary import FailureReason, SkipReason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -368,7 +368,7 @@ class PushWorkers:
             # than the push of an instant cache).
             uploaded = (
                 self._skip_uploaded_invalid(queue, cache, items, outcome.skipped)
-                if config.backend == BackendKind.CACHIX
+                if BACKEND_KINDS[config.backend].skips_invalid
                 else items
             )
             self._persist(lambda: queue.mark_pushed(uploaded, now))

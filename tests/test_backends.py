@@ -496,3 +496,16 @@ def test_cachix_skipped_paths_are_read_from_its_warnings() -> None:
     )
     assert cachix_skipped(output, [a, b]) == frozenset({a})
     assert cachix_skipped("", [a]) == frozenset()
+
+
+def test_every_backend_kind_has_its_spec() -> None:
+    from bridge.backends import BACKEND_KINDS, CachixBackend, NixCopyBackend
+    from exporter.vocabulary import BackendKind
+
+    assert set(BACKEND_KINDS) == set(BackendKind)
+    assert BACKEND_KINDS[BackendKind.CACHIX].make is CachixBackend
+    assert BACKEND_KINDS[BackendKind.NIX_COPY].make is NixCopyBackend
+    # cachix skips a path that is not valid and exits 0; nix copy fails on it.
+    assert BACKEND_KINDS[BackendKind.CACHIX].skips_invalid
+    assert not BACKEND_KINDS[BackendKind.NIX_COPY].skips_invalid
+    assert [BACKEND_KINDS[kind].executable for kind in BackendKind] == ["cachix", "nix"]
