@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, SimpleQueue
 
@@ -18,8 +18,9 @@ from bridge.heartbeat import Heartbeat
 from bridge.intake import Intake, Recorded
 from bridge.logsetup import input_logger
 from bridge.quarantine import RejectionCounter
+from bridge.reject import Rejecter
 from bridge.retrying import FailureBackoff
-from bridge.spool import SpoolLayout, is_candidate, quarantine, quarantine_bytes, unsafe_directory
+from bridge.spool import SpoolLayout, is_candidate, unsafe_directory
 from bridge.spoolread import Channels, FileRead, Identity, SpoolReader, Verdict, spool_name
 from bridge.statedb import StateDb
 from bridge.store import NixStore
@@ -71,8 +72,11 @@ class Ingestor:
             store, config.spool.max_event_bytes, clock.time, queue.seen_spool_file
         )
         self.rejections = RejectionCounter(self.layout, queue, intake.count_rejected, clock.time)
-        # Hook files consumed so far (loaded from the database on first use).
-        self._hook_seen: dict[str, Identity] | None = None
+        # Hook files consumed so far.
+        self.hook_seen: dict[str, Identity] = queue.hook_files()
+        self.rejecter = Rejecter(
+            self.layout, queue, self.rejections, intake.count_rejected, clock.time, self.hook_seen
+        )
         self._hook_problem: str | None = None
 
     def run(self, notifications: SimpleQueue[Notification | None], stop: threading.Event) -> None:
@@ -149,7 +153,7 @@ class Ingestor:
                 present = {e.name: e for e in entries if is_candidate(e.name)}
         except OSError:
             return []
-        seen = self._seen_hook_files()
+        seen = self.hook_seen
         gone = [name for name in seen if name not in present]
         if gone:
             self.queue.forget_hook_files(gone)  # aged out by tmpfiles
@@ -167,11 +171,6 @@ class Ingestor:
                     continue
             fresh.append(hook / name)
         return fresh
-
-    def _seen_hook_files(self) -> dict[str, Identity]:
-        if self._hook_seen is None:
-            self._hook_seen = self.queue.hook_files()
-        return self._hook_seen
 
     def _channels(self) -> Channels:
         """Which channels may carry hook events now: the hook directory if only the hook's
@@ -193,21 +192,19 @@ class Ingestor:
             hook=self.layout.hook,
             hook_trusted=problem is None and self.layout.hook != self.layout.incoming,
             incoming_private=unsafe_directory(self.layout.incoming, trusted) is None,
-            hook_seen=self._seen_hook_files(),
+            hook_seen=self.hook_seen,
         )
 
     def _settle(self, reads: list[FileRead], stats: IngestStats) -> None:
-        """Act on what was read: record the accepted files in one transaction, then
-        quarantine, defer or drop the others."""
-        accepted = [read for read in reads if read.verdict is Verdict.ACCEPT]
-        if accepted:
-            self._commit(accepted, stats)
-        for read in reads:
+        """Act on what was read: record the accepted files, then quarantine the rejected
+        ones and those the database refuses, count the deferred, drop the duplicates."""
+        refused = self._record([read for read in reads if read.verdict is Verdict.ACCEPT], stats)
+        for read in reads + refused:
             if read.verdict is Verdict.REJECT:
-                if read.path.parent == self.layout.hook:
-                    self._reject_hook(read, read.reason, read.message, stats)
-                else:
-                    self._quarantine(read.path, read.reason, read.message, stats)
+                if self.rejecter.reject(
+                    read.path, read.reason, read.message, identity=read.identity, data=read.data
+                ):
+                    stats.quarantined += 1
             elif read.verdict is Verdict.DEFER:
                 stats.deferred += 1
                 if read.message:
@@ -218,115 +215,63 @@ class Ingestor:
                     )
             elif read.verdict is Verdict.DUPLICATE:
                 stats.duplicates += 1
-                _unlink(read.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(read.path)
 
-    def _commit(self, chunk: list[FileRead], stats: IngestStats) -> None:
-        try:
-            self._commit_together(chunk, stats)
-        except sqlite3.OperationalError:
-            raise  # disk full, locked: every file stays for the next pass
-        except Exception as exc:
-            if len(chunk) > 1:
-                # Find the event the database refuses; commit the others.
-                for item in chunk:
-                    self._commit([item], stats)
-                return
-            log.exception("cannot record event file %s", chunk[0].path.name)
-            message = f"cannot be recorded: {type(exc).__name__}"
-            if chunk[0].identity is not None:
-                self._reject_hook(chunk[0], RejectReason.INVALID_EVENT, message, stats)
-                return
-            self._quarantine(chunk[0].path, RejectReason.INVALID_EVENT, message, stats)
-
-    def _commit_together(self, chunk: list[FileRead], stats: IngestStats) -> None:
-        now = self.clock.time()
-        recorded: list[Recorded] = []
-        with self.queue.transaction():
-            for item in chunk:
-                assert item.event is not None
-                done = self.intake.record(
-                    self.queue,
-                    item.event,
-                    origin=_origin(item),
-                    spool_name=spool_name(item.path),
-                    spool_digest=item.digest,
-                )
-                if item.identity is not None:
-                    self.queue.record_hook_file(item.path.name, item.identity, now)
-                if done is None:
-                    stats.duplicates += 1
-                else:
-                    recorded.append(done)
-        # Only now that the rows are durable may the files go (hook files stay: tmpfiles
-        # ages them out of the root-only directory).
-        for item in chunk:
-            if item.identity is None:
-                _unlink(item.path)
-            else:
-                self._seen_hook_files()[item.path.name] = item.identity
-        stats.recorded += len(recorded)
-        for done in recorded:
-            for cache, count in done.enqueued.items():
-                stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
-        self.intake.announce(recorded)
-
-    def _reject_hook(self, read: FileRead, reason: str, message: str, stats: IngestStats) -> None:
-        """Copy a bad hook file into quarantine (it cannot be moved) and remember it."""
-        now = self.clock.time()
-        identity = read.identity
-        if identity is None:
+    def _record(self, accepted: list[FileRead], stats: IngestStats) -> list[FileRead]:
+        """Record the accepted files in one transaction, then delete them (hook files stay:
+        tmpfiles ages them out of the root-only directory) and announce them. When the
+        database refuses the batch, each file is tried alone; those it still refuses are
+        returned as rejected."""
+        refused: list[FileRead] = []
+        batches = [accepted] if accepted else []
+        while batches:
+            batch = batches.pop()
+            now = self.clock.time()
+            recorded: list[Recorded] = []
             try:
-                info = os.lstat(read.path)
-            except OSError:
-                return
-            identity = (info.st_ino, info.st_mtime_ns, info.st_size)
-        try:
-            target = quarantine_bytes(self.layout, "hook", read.data, reason, message, now)
-        except OSError as exc:
-            log.error(
-                "cannot quarantine hook file %s (%s): %s; tried again at the next rescan",
-                read.path.name,
-                reason,
-                exc.strerror,
-            )
-            return
-        with self.queue.transaction():
-            self.queue.record_hook_file(read.path.name, identity, now)
-        self._seen_hook_files()[read.path.name] = identity
-        stats.quarantined += 1
-        # Claimed, so that the quarantine rescan does not count the copy a second time.
-        if self.rejections.claim(target, reason):
-            self.intake.count_rejected(reason)
-        log.warning(
-            "rejected hook file %s as %s: %s (copy in %s)",
-            read.path.name,
-            reason,
-            message,
-            str(target),
-        )
-
-    def _quarantine(self, path: Path, reason: str, message: str, stats: IngestStats) -> None:
-        try:
-            target = quarantine(self.layout, path, reason, message, self.clock.time())
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.error(
-                "cannot quarantine %s (%s): %s; it stays in incoming/ for the next rescan",
-                path.name,
-                reason,
-                exc.strerror,
-            )
-            return
-        stats.quarantined += 1
-        if self.rejections.claim(target, reason):
-            self.intake.count_rejected(reason)
-        log.warning("quarantined %s as %s: %s (%s)", path.name, reason, message, str(target))
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+                with self.queue.transaction():
+                    for item in batch:
+                        assert item.event is not None
+                        done = self.intake.record(
+                            self.queue,
+                            item.event,
+                            origin=_origin(item),
+                            spool_name=spool_name(item.path),
+                            spool_digest=item.digest,
+                        )
+                        if item.identity is not None:
+                            self.queue.record_hook_file(item.path.name, item.identity, now)
+                        recorded += [done] if done is not None else []
+            except sqlite3.OperationalError:
+                raise  # disk full, locked: every file stays for the next pass
+            except Exception as exc:
+                if len(batch) > 1:
+                    batches += [[item] for item in reversed(batch)]  # find the one refused
+                    continue
+                log.exception("cannot record event file %s", batch[0].path.name)
+                refused.append(
+                    replace(
+                        batch[0],
+                        verdict=Verdict.REJECT,
+                        reason=RejectReason.INVALID_EVENT,
+                        message=f"cannot be recorded: {type(exc).__name__}",
+                    )
+                )
+                continue
+            for item in batch:
+                if item.identity is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(item.path)
+                else:
+                    self.hook_seen[item.path.name] = item.identity
+            stats.duplicates += len(batch) - len(recorded)
+            stats.recorded += len(recorded)
+            for done in recorded:
+                for cache, count in done.enqueued.items():
+                    stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
+            self.intake.announce(recorded)
+        return refused
 
 
 def _origin(item: FileRead) -> str:
