@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from bridge.config import Config, default_config, load_config
 from bridge.daemon import Daemon, DaemonError
 from bridge.hookscript import render_hook_script
@@ -87,6 +89,21 @@ def _done_counts(queue: StateDb) -> dict[str, dict[str, int]]:
 
 def _finished(states: dict[str, int]) -> int:
     return sum(states.get(state, 0) for state in ("pushed", "dead", "skipped"))
+
+
+def _wait_recorded(registry: CollectorRegistry, expected: dict[str, int], timeout: float) -> None:
+    """Wait until the daemon has counted the expected events per source."""
+    deadline = time.monotonic() + timeout
+
+    def received(source: str) -> float:
+        name = "hydra_cachix_bridge_events_received_total"
+        return registry.get_sample_value(name, {"source": source}) or 0.0
+
+    while any(received(source) < count for source, count in expected.items()):
+        if time.monotonic() > deadline:
+            got = ", ".join(f"{received(s):.0f} from {s}" for s in expected)
+            raise DemoError(f"the daemon did not record the demo's events in time ({got})")
+        time.sleep(0.1)
 
 
 def _wait_pushed(
@@ -262,6 +279,8 @@ def run_demo(
             raise DemoError(f"enqueue-hydra failed: {enqueued.stderr.strip()}")
         echo("recorded build 1 (demo:main:bundle.x86_64-linux); waiting for the pushes …")
         counts = _wait_pushed(config, baseline, len(out_paths), timeout, echo)
+        # Its paths were pushed already (the hook queued them): wait for the event itself.
+        _wait_recorded(daemon.registry, {"hook": len(out_paths), "hydra": 1}, timeout)
     finally:
         stop.set()
         runner.join(timeout=60)
