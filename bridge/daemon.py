@@ -95,8 +95,8 @@ class Daemon:
         self._lock = StateLock(config.state_dir)
         self._threads: list[threading.Thread] = []
         self._scrape_lock = threading.Lock()
-        self._scrape_queue: StateDb | None = None
-        self._queue: StateDb | None = None
+        self._scrape_db: StateDb | None = None
+        self._db: StateDb | None = None
         self.watcher: SpoolWatcher | None = None
         self.workers: PushWorkers | None = None
         self.server: MetricsServer | None = None
@@ -116,9 +116,9 @@ class Daemon:
             require_hydra_db_driver()
         self._prepare_directories()
         self._take_lock()
-        self._queue = self._open_queue_patiently()
-        self._recover(self._queue)
-        self._scrape_queue = self._open_queue_patiently()
+        self._db = self._open_db_patiently()
+        self._recover(self._db)
+        self._scrape_db = self._open_db_patiently()
         self.registry.register(
             QueueCollector(self._read_queue, self.config.caches, self.clock.time)
         )
@@ -126,11 +126,10 @@ class Daemon:
         self.intake = Intake(self.config.rules, self.metrics, self.clock, self.workers.wake)
         self.ingestor = Ingestor(
             self.config,
-            self._open_queue_patiently(),
+            self._open_db_patiently(),
             self.store,
             self.intake,
             self.clock,
-            stop=self.stopping,
             heartbeat=self.ingest_heartbeat,
         )
         self._serve_metrics()
@@ -166,7 +165,7 @@ class Daemon:
             path = lock_path(self.config.state_dir)
             raise DaemonError(f"cannot open the lock file {path}: {exc.strerror}") from None
 
-    def _open_queue_patiently(self) -> StateDb:
+    def _open_db_patiently(self) -> StateDb:
         """Open the state database, waiting while it cannot be opened for now (a full disk)."""
         backoff = FailureBackoff("opening the queue database", log, initial=2.0)
         while True:
@@ -266,8 +265,8 @@ class Daemon:
     def _start_sources(self, ingestor: Ingestor, intake: Intake) -> None:
         self._spawn("ingest", self._ingest_loop, ingestor)
         if self.config.log_sources:
-            queue = StateDb(self.config.database_path, shared=True)
-            self.follower = LogFollower(self.config, queue, intake, self.clock, store=self.store)
+            db = self._open_db_patiently()
+            self.follower = LogFollower(self.config, db, intake, self.clock, store=self.store)
             self._spawn("log-follower", self._follow_loop, self.follower)
         if self.config.hydra_db is not None:
             self._spawn("hydra-db", self._hydra_db_loop, intake)
@@ -276,14 +275,14 @@ class Daemon:
         try:
             ingestor.run(self.notifications, self.stopping)
         finally:
-            ingestor.queue.close()
+            ingestor.db.close()
 
     def _follow_loop(self, follower: LogFollower) -> None:
         try:
             follower.run(self.stopping)
         finally:
             follower.close()
-            follower.queue.close()
+            follower.db.close()
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -292,9 +291,9 @@ class Daemon:
 
     def _read_queue(self) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
         with self._scrape_lock:
-            if self._scrape_queue is None:
+            if self._scrape_db is None:
                 return {}, {}
-            return self._scrape_queue.counts(), self._scrape_queue.oldest_pending()
+            return self._scrape_db.counts(), self._scrape_db.oldest_pending()
 
     def _hydra_db_loop(self, intake: Intake) -> None:
         from bridge.hydrasource import HydraDbSource
@@ -318,7 +317,7 @@ class Daemon:
         if self.watcher is None or not self.watcher.alive():
             problems.append(f"spool watch on {self.layout.incoming} is not alive")
         with self._scrape_lock:
-            if self._scrape_queue is None or not self._scrape_queue.ping():
+            if self._scrape_db is None or not self._scrape_db.ping():
                 problems.append(f"queue database {self.config.database_path} does not answer")
         dead = [t.name for t in self._threads if not t.is_alive()]
         if dead and not self.stopping.is_set():
@@ -331,7 +330,7 @@ class Daemon:
     def landing_page(self) -> str:
         """The live summary served at /."""
         with self._scrape_lock:
-            queue = self._scrape_queue
+            queue = self._scrape_db
             statuses = queue.cache_statuses(self.config.caches) if queue is not None else []
             dead = queue.dead_letters(LANDING_DEAD_LETTERS) if queue is not None else []
         follower = self.follower
@@ -370,7 +369,7 @@ class Daemon:
 
     def run_until(self, stop: threading.Event) -> None:
         """Run maintenance until stop is set, then shut down."""
-        assert self._queue is not None
+        assert self._db is not None
         interval = watchdog_interval()
         next_watchdog = self.clock.monotonic()
         next_prune = self.clock.monotonic()
@@ -396,9 +395,9 @@ class Daemon:
             self.shutdown()
 
     def _release_orphans(self) -> None:
-        assert self._queue is not None and self.workers is not None
+        assert self._db is not None and self.workers is not None
         try:
-            released = self.workers.release_orphans(self._queue)
+            released = self.workers.release_orphans(self._db)
         except Exception:
             log.exception("releasing orphaned in-flight items failed")
             return
@@ -408,10 +407,10 @@ class Daemon:
             )
 
     def _prune(self) -> None:
-        assert self._queue is not None
+        assert self._db is not None
         before = self.clock.time() - self.config.retention_days * 86400
         try:
-            removed = self._queue.prune(before)
+            removed = self._db.prune(before)
         except Exception:
             log.exception("pruning old queue rows failed")
             return
@@ -439,20 +438,22 @@ class Daemon:
         self.notifications.put(None)
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.ingestor is not None and not any(t.name == "ingest" for t in self._threads):
+            self.ingestor.db.close()  # start() failed before the ingest loop took it over
         if self.workers is not None:
             self.workers.stop(self.config.push.shutdown_grace_seconds)
-        if self._queue is not None:
-            left = self._queue.release_all_inflight(self.clock.time())
+        if self._db is not None:
+            left = self._db.release_all_inflight(self.clock.time())
             if left:
                 log.warning("%d path(s) left pending for the next start", left)
-            self._queue.close()
-            self._queue = None
+            self._db.close()
+            self._db = None
         if self.server is not None:
             self.server.stop()
         with self._scrape_lock:
-            if self._scrape_queue is not None:
-                self._scrape_queue.close()
-                self._scrape_queue = None
+            if self._scrape_db is not None:
+                self._scrape_db.close()
+                self._scrape_db = None
         self._lock.release()
         log.info("stopped")
 

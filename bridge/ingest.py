@@ -53,35 +53,36 @@ class Ingestor:
     def __init__(
         self,
         config: Config,
-        queue: StateDb,
+        db: StateDb,
         store: NixStore,
         intake: Intake,
         clock: Clock,
         *,
-        stop: threading.Event | None = None,
         heartbeat: Heartbeat | None = None,
     ) -> None:
-        self.stop = stop
         self.config = config
         self.layout = SpoolLayout.of(config)
-        self.queue = queue
+        self.db = db
         self.intake = intake
         self.clock = clock
         self.heartbeat = heartbeat or Heartbeat(clock.monotonic, float("inf"))
         self.reader = SpoolReader(
-            store, config.spool.max_event_bytes, clock.time, queue.seen_spool_file
+            store, config.spool.max_event_bytes, clock.time, db.seen_spool_file
         )
-        self.rejections = RejectionCounter(self.layout, queue, intake.count_rejected, clock.time)
-        # Hook files consumed so far.
-        self.hook_seen: dict[str, Identity] = queue.hook_files()
-        self.rejecter = Rejecter(
-            self.layout, queue, self.rejections, intake.count_rejected, clock.time, self.hook_seen
-        )
+        self.rejections = RejectionCounter(self.layout, db, intake.count_rejected, clock.time)
+        # Hook files consumed so far: read from the database at the first pass (inside the
+        # pass, so that a database that fails then is retried like any pass).
+        self.hook_seen: dict[str, Identity] = {}
+        self._hook_seen_loaded = False
+        self.rejecter = Rejecter(self.layout, db, self.rejections, clock.time, self.hook_seen)
         self._hook_problem: str | None = None
+        # Set by run(): a stop requested during a pass leaves the files not read yet.
+        self.stop: threading.Event | None = None
 
     def run(self, notifications: SimpleQueue[Notification | None], stop: threading.Event) -> None:
         """Ingest what the watch reports, batched, and rescan the spool every rescan_seconds
         (sooner after a deferred file, at once on a None notification) until stop is set."""
+        self.stop = stop
         next_rescan = self.clock.monotonic() + self.config.spool.rescan_seconds
         backoff = FailureBackoff("ingest pass", log)
         while not stop.is_set():
@@ -153,10 +154,10 @@ class Ingestor:
                 present = {e.name: e for e in entries if is_candidate(e.name)}
         except OSError:
             return []
-        seen = self.hook_seen
+        seen = self._consumed_hook_files()
         gone = [name for name in seen if name not in present]
         if gone:
-            self.queue.forget_hook_files(gone)  # aged out by tmpfiles
+            self.db.forget_hook_files(gone)  # aged out by tmpfiles
             for name in gone:
                 del seen[name]
         fresh = []
@@ -171,6 +172,12 @@ class Ingestor:
                     continue
             fresh.append(hook / name)
         return fresh
+
+    def _consumed_hook_files(self) -> dict[str, Identity]:
+        if not self._hook_seen_loaded:
+            self.hook_seen.update(self.db.hook_files())
+            self._hook_seen_loaded = True
+        return self.hook_seen
 
     def _channels(self) -> Channels:
         """Which channels may carry hook events now: the hook directory if only the hook's
@@ -189,10 +196,11 @@ class Ingestor:
             )
         self._hook_problem = problem
         return Channels(
+            incoming=self.layout.incoming,
             hook=self.layout.hook,
-            hook_trusted=problem is None and self.layout.hook != self.layout.incoming,
+            hook_trusted=problem is None,
             incoming_private=unsafe_directory(self.layout.incoming, trusted) is None,
-            hook_seen=self.hook_seen,
+            hook_seen=self._consumed_hook_files(),
         )
 
     def _settle(self, reads: list[FileRead], stats: IngestStats) -> None:
@@ -230,18 +238,18 @@ class Ingestor:
             now = self.clock.time()
             recorded: list[Recorded] = []
             try:
-                with self.queue.transaction():
+                with self.db.transaction():
                     for item in batch:
                         assert item.event is not None
                         done = self.intake.record(
-                            self.queue,
+                            self.db,
                             item.event,
                             origin=_origin(item),
                             spool_name=spool_name(item.path),
                             spool_digest=item.digest,
                         )
                         if item.identity is not None:
-                            self.queue.record_hook_file(item.path.name, item.identity, now)
+                            self.db.record_hook_file(item.path.name, item.identity, now)
                         recorded += [done] if done is not None else []
             except sqlite3.OperationalError:
                 raise  # disk full, locked: every file stays for the next pass

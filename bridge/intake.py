@@ -1,9 +1,9 @@
 """The one path every source takes: match an event, record it, count it, wake the workers.
 
 A source (spool files, log lines, Hydra's database) validates its input into `Event`s, then,
-inside its own state-database transaction, calls `Intake.record` for each (which also
-records whatever the source must keep with the event: a consumed file, a log offset, a
-checkpoint), and after the commit hands what was recorded to `Intake.announce`.
+inside its own state-database transaction, calls `Intake.record` for each, writes in the
+same transaction whatever it keeps with the event itself (a consumed hook file, a log
+offset, a checkpoint), and after the commit hands what was recorded to `Intake.announce`.
 """
 
 from __future__ import annotations

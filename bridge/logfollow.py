@@ -70,14 +70,14 @@ class LogFollower:
     def __init__(
         self,
         config: Config,
-        queue: StateDb,
+        db: StateDb,
         intake: Intake,
         clock: Clock,
         store: NixStore | None = None,
     ) -> None:
         self.store = store or NixStore()
         self.config = config
-        self.queue = queue
+        self.db = db
         self.intake = intake
         self.clock = clock
         self.follows = [_Follow(source) for source in config.log_sources]
@@ -139,7 +139,7 @@ class LogFollower:
             return False
         follow.unreadable_since = None
         follow.handle, follow.device, follow.inode = handle, info.st_dev, info.st_ino
-        saved = self.queue.log_offset(path)
+        saved = self.db.log_offset(path)
         follow.offset, follow.fingerprint = 0, b""
         if saved is not None and (saved.device, saved.inode) == (info.st_dev, info.st_ino):
             follow.offset, follow.fingerprint = saved.offset, saved.fingerprint
@@ -189,8 +189,8 @@ class LogFollower:
         return os.pread(follow.handle, size, follow.offset - size) != follow.fingerprint
 
     def _save(self, follow: _Follow) -> None:
-        with self.queue.transaction():
-            self.queue.save_log_offset(str(follow.source.path), follow.position, self.clock.time())
+        with self.db.transaction():
+            self.db.save_log_offset(str(follow.source.path), follow.position, self.clock.time())
 
     def _outputs_of(self, derivations: list[str], known: list[str]) -> list[str]:
         """Outputs of derivations named in a log (Nix 2.8 hooks only know DRV_PATH)."""
@@ -223,16 +223,21 @@ class LogFollower:
             if follow.source.resolve_derivations:
                 paths += self._outputs_of(extract_derivations(complete), paths)
             event = Event(source=Source.LOG, received_at=self.clock.time(), out_paths=tuple(paths))
-            follow.offset += len(complete)
-            follow.fingerprint = (follow.fingerprint + complete)[-FINGERPRINT_BYTES:]
+            # The position moves only once the lines' event is committed: a failed commit
+            # (a full disk) leaves them to be read again.
+            position = LogOffset(
+                follow.device,
+                follow.inode,
+                follow.offset + len(complete),
+                (follow.fingerprint + complete)[-FINGERPRINT_BYTES:],
+            )
             recorded: list[Recorded] = []
-            with self.queue.transaction():
+            with self.db.transaction():
                 if paths:
-                    done = self.intake.record(self.queue, event, origin=str(follow.source.path))
+                    done = self.intake.record(self.db, event, origin=str(follow.source.path))
                     recorded += [done] if done is not None else []
-                self.queue.save_log_offset(
-                    str(follow.source.path), follow.position, event.received_at
-                )
+                self.db.save_log_offset(str(follow.source.path), position, event.received_at)
+            follow.offset, follow.fingerprint = position.offset, position.fingerprint
             self.intake.announce(recorded)
             enqueued = recorded[0].enqueued if recorded else {}
             for cache, count in enqueued.items():

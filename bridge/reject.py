@@ -23,16 +23,14 @@ class Rejecter:
     def __init__(
         self,
         layout: SpoolLayout,
-        queue: StateDb,
+        db: StateDb,
         counter: RejectionCounter,
-        count: Callable[[str], None],
         now: Callable[[], float],
         hook_seen: dict[str, Identity],
     ) -> None:
         self.layout = layout
-        self.queue = queue
+        self.db = db
         self.counter = counter
-        self.count = count
         self.now = now
         self.hook_seen = hook_seen
 
@@ -46,7 +44,7 @@ class Rejecter:
         data: bytes = b"",
     ) -> bool:
         """Quarantine one file; False when it could not be (it is tried again later)."""
-        hook = path.parent == self.layout.hook
+        hook = path.parent == self.layout.hook and self.layout.hook != self.layout.incoming
         try:
             if hook and identity is None:
                 info = os.lstat(path)
@@ -70,12 +68,12 @@ class Rejecter:
             )
             return False
         if hook and identity is not None:
-            with self.queue.transaction():
-                self.queue.record_hook_file(path.name, identity, self.now())
+            with self.db.transaction():
+                self.db.record_hook_file(path.name, identity, self.now())
             self.hook_seen[path.name] = identity
         # Claimed, so that the quarantine rescan does not count this file a second time.
         if self.counter.claim(target, reason):
-            self.count(reason)
+            self.counter.count(reason)
         if hook:
             log.warning(
                 "rejected hook file %s as %s: %s (copy in %s)",

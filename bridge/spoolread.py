@@ -63,9 +63,13 @@ class FileRead:
 
 @dataclass(frozen=True)
 class Channels:
-    """Which files may be read now, decided once per pass from the spool's permissions."""
+    """Which files may be read now, decided at the start of each pass from the spool's
+    permissions (hook_seen is the live record of consumed hook files, which grows as the
+    pass records or rejects them)."""
 
+    incoming: Path
     hook: Path
+    """The hook directory; when it is incoming/ itself, its files are read as incoming's."""
     hook_trusted: bool
     """The hook directory is writable only by root or the daemon's own user."""
     incoming_private: bool
@@ -92,7 +96,7 @@ class SpoolReader:
     def read(self, path: Path, channels: Channels, *, writer_closed: bool = False) -> FileRead:
         """Read one file of either channel; every failure becomes a verdict, not an error
         (except the state database's, which stops the whole pass)."""
-        hook = path.parent == channels.hook
+        hook = path.parent == channels.hook and channels.hook != channels.incoming
         if hook and not channels.hook_trusted:
             return FileRead(path, Verdict.NOTHING)
         where = "" if hook else " event file"
@@ -198,7 +202,8 @@ class SpoolReader:
             raise EventRejected(RejectReason.UNRESOLVED_OUTPUTS, message) from None
         if resolve:
             return replace(event, out_paths=tuple(outputs))
-        foreign = [path for path in event.out_paths if path not in set(outputs)]
+        known = set(outputs)
+        foreign = [path for path in event.out_paths if path not in known]
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise EventRejected(

@@ -126,15 +126,6 @@ class NixStore:
             raise StoreQueryError(f"nix-store --query --outputs gave no store paths for {drv_path}")
         return paths
 
-    def foreign_outputs(self, drv_path: str, paths: Sequence[str]) -> list[str]:
-        """Those of paths that are not outputs of drv_path according to the store.
-
-        The .drv file is authoritative: Nix registers a derivation as valid only after
-        checking its output paths, and only Nix writes to the store.
-        """
-        outputs = set(self.resolve_outputs(drv_path))
-        return [path for path in paths if path not in outputs]
-
     def missing_paths(self, paths: Sequence[str]) -> set[str]:
         """Paths not on disk in the store (garbage-collected): invalid without asking Nix."""
         return {path for path in paths if not os.path.lexists(path)}

@@ -1,4 +1,5 @@
-"""Every metric of hydra-cachix-bridge, defined in one table on an injected registry."""
+"""The metrics of hydra-cachix-bridge on an injected registry: the bridge's own defined in one
+table (METRICS), the Hydra database source's and the queue collector's beside it."""
 
 from __future__ import annotations
 

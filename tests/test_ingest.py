@@ -489,3 +489,31 @@ def test_out_of_memory_defers_the_event(
     stats = ingestor.ingest(ingestor.scan())
     assert (stats.recorded, stats.quarantined, stats.deferred) == (0, 0, 1)
     assert len(h.incoming()) == 1
+
+
+def test_a_hook_dir_set_to_incoming_still_ingests_its_files(
+    tmp_path: Path, built: list[Built]
+) -> None:
+    spool = tmp_path / "spool"
+    config = Config(
+        state_dir=tmp_path / "state",
+        spool_dir=spool,
+        caches=MappingProxyType(
+            {"c": CacheConfig(name="c", backend="nix-copy", uri="file:///tmp/unused")}
+        ),
+        rules=(Rule(caches=("c",)),),
+        spool=SpoolSettings(hook_dir=spool / "incoming"),
+    )
+    layout = SpoolLayout.of(config)
+    layout.ensure()
+    db = StateDb(config.database_path)
+    try:
+        metrics = BridgeMetrics(CollectorRegistry(), version="t", caches={"c": "nix-copy"})
+        intake = Intake(config.rules, metrics, SystemClock())
+        ingestor = Ingestor(config, db, NixStore(), intake, SystemClock())
+        write_event(layout, "hydra", hydra_doc(built[0]))
+        stats = ingestor.ingest(ingestor.scan())
+        assert (stats.recorded, stats.quarantined) == (1, 0)
+        assert os.listdir(layout.incoming) == []
+    finally:
+        db.close()

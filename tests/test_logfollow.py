@@ -272,3 +272,27 @@ def test_a_fifo_as_log_source_is_not_read_and_does_not_block(h: Harness) -> None
     h.append(f"{path(1)}\n")
     assert follower.poll() == {"c": 1}
     assert follower.readable() == [True]
+
+
+def test_lines_whose_commit_failed_are_read_again(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    h.append("")
+    follower = h.follower()
+    follower.poll()
+    h.append(f"built {path(1)}\n")
+    real = follower.intake.record
+
+    def disk_full(*args: object, **kwargs: object) -> object:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(follower.intake, "record", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        follower.poll()
+    assert h.queued() == [] and not h.saved_offset()
+    monkeypatch.setattr(follower.intake, "record", real)
+    assert follower.poll() == {"c": 1}  # the same line, not skipped
+    assert h.queued() == [path(1)]
+    assert h.saved_offset() == h.log.stat().st_size

@@ -22,9 +22,7 @@ class Setup:
         self.counted: list[str] = []
         self.seen: dict[str, tuple[int, int, int]] = {}
         counter = RejectionCounter(self.layout, self.queue, self.counted.append, lambda: 5.0)
-        self.rejecter = Rejecter(
-            self.layout, self.queue, counter, self.counted.append, lambda: 7.0, self.seen
-        )
+        self.rejecter = Rejecter(self.layout, self.queue, counter, lambda: 7.0, self.seen)
 
 
 @pytest.fixture

@@ -223,14 +223,6 @@ def test_missing_nix_store_executable_raises(tmp_path: Path, built: list[Built])
         store.invalid_paths([built[0].out])
 
 
-def test_foreign_outputs_are_those_the_drv_does_not_name(built: list[Built]) -> None:
-    store = NixStore()
-    assert store.foreign_outputs(built[0].drv, [built[0].out]) == []
-    assert store.foreign_outputs(built[0].drv, [built[0].out, built[1].out]) == [built[1].out]
-    with pytest.raises(StoreQueryError):
-        store.foreign_outputs(MADE_UP_DRV, [built[0].out])
-
-
 @pytest.fixture
 def store_fifo_drv(tmp_path: Path) -> Iterator[str]:
     """Finding 4: a store symlink named `*.drv` pointing at a FIFO, left by `nix-store --add`.
