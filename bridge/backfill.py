@@ -52,13 +52,13 @@ class Backfill:
     def __init__(
         self,
         reader: HydraReader,
-        queue: StateDb,
+        db: StateDb,
         intake: Intake,
         clock: Clock,
     ) -> None:
         self.reader = reader
         self.intake = intake
-        self.recorder = HydraRecorder(queue, intake, clock, source=SOURCE)
+        self.recorder = HydraRecorder(db, intake, clock, source=SOURCE)
 
     def resolve(self, selection: Selection) -> tuple[int, int | None]:
         """(jobset id, evaluation id or None), checked against Hydra's database."""

@@ -170,24 +170,24 @@ class Daemon:
         backoff = FailureBackoff("opening the queue database", log, initial=2.0)
         while True:
             try:
-                queue = StateDb(self.config.database_path, shared=True)
+                db = StateDb(self.config.database_path, shared=True)
             except StateDbUnavailable as exc:
                 sd_notify(f"STATUS=waiting for the queue database: {exc}")
                 if self.abort.wait(backoff.failed(exc)):
                     raise DaemonStopped("stopped while waiting for the queue database") from None
                 continue
             backoff.succeeded()
-            return queue
+            return db
 
-    def _recover(self, queue: StateDb) -> None:
+    def _recover(self, db: StateDb) -> None:
         """Queue again what the last run left in flight; restore the per-cache gauges."""
         try:
-            released = queue.release_all_inflight(self.clock.time())
+            released = db.release_all_inflight(self.clock.time())
             if released:
                 log.warning(
                     "%d path(s) were in flight when the last run stopped; queued again", released
                 )
-            for status in queue.cache_statuses(self.config.caches):
+            for status in db.cache_statuses(self.config.caches):
                 if status.cache not in self.config.caches:
                     continue
                 if status.last_success_at is not None:

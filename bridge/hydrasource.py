@@ -2,7 +2,7 @@
 
 Two connections: one only LISTENs (so no notification can arrive while it runs a query),
 the other reads. On every (re)connect the reader catches up from the checkpoint kept in
-the queue database; while connected it polls the same way every poll_seconds, which also
+the state database; while connected it polls the same way every poll_seconds, which also
 covers a build whose NOTIFY was never sent (Hydra's queue runner notifies in a separate
 transaction after the build's row is committed: hydra-queue-runner/src/state/mod.rs).
 
@@ -51,14 +51,14 @@ class HydraRecorder:
 
     def __init__(
         self,
-        queue: StateDb,
+        db: StateDb,
         intake: Intake,
         clock: Clock,
         *,
         source: str = SOURCE,
     ) -> None:
-        self.queue = queue
-        self.state = HydraState(queue.conn)
+        self.db = db
+        self.state = HydraState(db.conn)
         self.state.ensure_schema()
         self.intake = intake
         self.clock = clock
@@ -94,7 +94,7 @@ class HydraRecorder:
                 rejected.append(exc.message)
         if dry_run:
             return events, len(rejected)
-        with self.queue.transaction():
+        with self.db.transaction():
             recorded = [self._record(event) for event in events]
             self.state.mark_seen(self.source, new, now)
             if events:
@@ -108,8 +108,7 @@ class HydraRecorder:
         return events, len(rejected)
 
     def _record(self, event: Event) -> Recorded:
-        origin = f"build {event.build_id} {event.project}:{event.jobset}:{event.job}"
-        recorded = self.intake.record(self.queue, event, origin=origin)
+        recorded = self.intake.record(self.db, event)
         assert recorded is not None  # only spool files are duplicate rows
         return recorded
 
@@ -120,7 +119,7 @@ class HydraDbSource:
     def __init__(
         self,
         config: Config,
-        queue: StateDb,
+        db: StateDb,
         intake: Intake,
         db_metrics: HydraDbMetrics,
         clock: Clock,
@@ -130,7 +129,7 @@ class HydraDbSource:
     ) -> None:
         assert config.hydra_db is not None
         self.settings = config.hydra_db
-        self.recorder = HydraRecorder(queue, intake, clock)
+        self.recorder = HydraRecorder(db, intake, clock)
         self.state = self.recorder.state
         self.db_metrics = db_metrics
         self.clock = clock
@@ -222,7 +221,7 @@ class HydraDbSource:
                 "(run `hydra-cachix-bridge backfill` for older ones)",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
             )
-            with self.recorder.queue.transaction():
+            with self.recorder.db.transaction():
                 self.state.advance((start, 0), self.clock.time())
         else:
             start = checkpoint[0] - overlap
@@ -254,12 +253,12 @@ class HydraDbSource:
         # A seen row matters while catch-up can still read its build: keep it for the
         # overlap window, and for the retention period like the events themselves.
         keep = max(self.retention_seconds, 2 * self.settings.overlap_seconds)
-        with self.recorder.queue.transaction():
+        with self.recorder.db.transaction():
             self.state.prune_seen(now - keep)
 
     def _set_state(self, state: str, error: str | None) -> None:
         try:
-            with self.recorder.queue.transaction():
+            with self.recorder.db.transaction():
                 self.state.set_state(state, error, self.clock.time())
         except Exception:
             log.exception("cannot record the Hydra database source's state")

@@ -105,7 +105,7 @@ class Ingestor:
 
     def _pass(self, batch: list[Notification], next_rescan: float) -> float:
         """Ingest the notified files, and rescan when due; return when to rescan next."""
-        closed = list(dict.fromkeys(path for path, final in batch if final))
+        closed = dict.fromkeys(path for path, final in batch if final)
         created = [p for p in dict.fromkeys(p for p, _ in batch) if p not in closed]
         deferred = self.ingest(closed, writer_closed=True).deferred
         deferred += self.ingest(created).deferred
@@ -125,7 +125,7 @@ class Ingestor:
         for path in paths:
             if self.stop is not None and self.stop.is_set():
                 break  # files not read yet stay in the spool for the next start
-            if is_candidate(path.name) and path.parent in (channels.hook, self.layout.incoming):
+            if is_candidate(path.name) and path.parent in (self.layout.hook, self.layout.incoming):
                 reads.append(self.reader.read(path, channels, writer_closed=writer_closed))
             self.heartbeat.beat()
             if len(reads) >= FILES_PER_TRANSACTION:
@@ -196,8 +196,7 @@ class Ingestor:
             )
         self._hook_problem = problem
         return Channels(
-            incoming=self.layout.incoming,
-            hook=self.layout.hook,
+            layout=self.layout,
             hook_trusted=problem is None,
             incoming_private=unsafe_directory(self.layout.incoming, trusted) is None,
             hook_seen=self._consumed_hook_files(),
@@ -241,11 +240,12 @@ class Ingestor:
                 with self.db.transaction():
                     for item in batch:
                         assert item.event is not None
+                        name = spool_name(item.path)
                         done = self.intake.record(
                             self.db,
                             item.event,
-                            origin=_origin(item),
-                            spool_name=spool_name(item.path),
+                            origin=name,
+                            spool_name=name,
                             spool_digest=item.digest,
                         )
                         if item.identity is not None:
@@ -280,18 +280,6 @@ class Ingestor:
                     stats.enqueued[cache] = stats.enqueued.get(cache, 0) + count
             self.intake.announce(recorded)
         return refused
-
-
-def _origin(item: FileRead) -> str:
-    """`build 17 p:j:job, NAME` or `DRV, NAME` or `NAME`: what the file names, and the file."""
-    name = spool_name(item.path)
-    event = item.event
-    assert event is not None
-    if event.build_id is not None:
-        return f"build {event.build_id} {event.project}:{event.jobset}:{event.job}, {name}"
-    if event.drv_path:
-        return f"{event.drv_path}, {name}"
-    return name
 
 
 def _next_batch(

@@ -31,7 +31,8 @@ class Recorded:
     outcome: str
     enqueued: dict[str, int]
     origin: str
-    """What the event came from, for the log line: a file name, a log file, a build."""
+    """Where the source read it, for the log line: a spool file's name, a log file, or
+    nothing (a build row, which the event names itself)."""
 
     @property
     def queued(self) -> int:
@@ -63,7 +64,7 @@ class Intake:
         db: StateDb,
         event: Event,
         *,
-        origin: str,
+        origin: str = "",
         spool_name: str | None = None,
         spool_digest: str | None = None,
     ) -> Recorded | None:
@@ -93,10 +94,11 @@ class Intake:
         for item in recorded:
             self._count(item, now)
             queued += item.queued
+            what = ", ".join(part for part in (_names(item.event), item.origin) if part)
             log.info(
                 "event from %s%s: %s",
                 item.event.source,
-                f" ({item.origin})" if item.origin else "",
+                f" ({what})" if what else "",
                 describe_queued(item.enqueued, item.outcome, len(item.event.out_paths)),
             )
         if queued:
@@ -117,3 +119,10 @@ class Intake:
             self.metrics.events_ignored.labels(source, item.outcome).inc()
         for cache, count in item.enqueued.items():
             self.metrics.paths_enqueued.labels(cache).inc(count)
+
+
+def _names(event: Event) -> str:
+    """`build 17 p:j:job` or the derivation, whichever the event knows first."""
+    if event.build_id is not None:
+        return f"build {event.build_id} {event.project}:{event.jobset}:{event.job}"
+    return event.drv_path or ""

@@ -7,7 +7,7 @@ import os
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bridge.clock import Clock
 from bridge.config import Config, LogSource
@@ -225,11 +225,10 @@ class LogFollower:
             event = Event(source=Source.LOG, received_at=self.clock.time(), out_paths=tuple(paths))
             # The position moves only once the lines' event is committed: a failed commit
             # (a full disk) leaves them to be read again.
-            position = LogOffset(
-                follow.device,
-                follow.inode,
-                follow.offset + len(complete),
-                (follow.fingerprint + complete)[-FINGERPRINT_BYTES:],
+            position = replace(
+                follow.position,
+                offset=follow.offset + len(complete),
+                fingerprint=(follow.fingerprint + complete)[-FINGERPRINT_BYTES:],
             )
             recorded: list[Recorded] = []
             with self.db.transaction():

@@ -44,7 +44,7 @@ class Rejecter:
         data: bytes = b"",
     ) -> bool:
         """Quarantine one file; False when it could not be (it is tried again later)."""
-        hook = path.parent == self.layout.hook and self.layout.hook != self.layout.incoming
+        hook = self.layout.in_hook_channel(path)
         try:
             if hook and identity is None:
                 info = os.lstat(path)

@@ -64,6 +64,11 @@ class SpoolLayout:
         daemon, which never deletes there (tmpfiles ages the files out)."""
         return self.hook_dir or self.root / HOOK
 
+    def in_hook_channel(self, path: Path) -> bool:
+        """True for a file of the hook directory; when [spool] hook_dir names incoming/
+        itself, its files are incoming's."""
+        return path.parent == self.hook and self.hook != self.incoming
+
     @property
     def directories(self) -> tuple[Path, Path, Path, Path]:
         """The root and its three subdirectories, parents first."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from bridge.events import Event, EventRejected, parse_spool_file
 from bridge.logsetup import input_logger
 from bridge.safeopen import is_transient
-from bridge.spool import read_event_file
+from bridge.spool import SpoolLayout, read_event_file
 from bridge.store import NixStore, StoreQueryError
 from exporter.vocabulary import RejectReason, Source
 
@@ -67,9 +67,7 @@ class Channels:
     permissions (hook_seen is the live record of consumed hook files, which grows as the
     pass records or rejects them)."""
 
-    incoming: Path
-    hook: Path
-    """The hook directory; when it is incoming/ itself, its files are read as incoming's."""
+    layout: SpoolLayout
     hook_trusted: bool
     """The hook directory is writable only by root or the daemon's own user."""
     incoming_private: bool
@@ -96,7 +94,7 @@ class SpoolReader:
     def read(self, path: Path, channels: Channels, *, writer_closed: bool = False) -> FileRead:
         """Read one file of either channel; every failure becomes a verdict, not an error
         (except the state database's, which stops the whole pass)."""
-        hook = path.parent == channels.hook and channels.hook != channels.incoming
+        hook = channels.layout.in_hook_channel(path)
         if hook and not channels.hook_trusted:
             return FileRead(path, Verdict.NOTHING)
         where = "" if hook else " event file"

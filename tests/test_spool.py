@@ -627,3 +627,11 @@ class TestWriteHookEvent:
         with pytest.raises(EventRejected) as info:
             write_hook_event(layout, hook_envelope(DRV, OUT, NOW), max_bytes=50)
         assert info.value.reason == "too_large"
+
+
+def test_the_hook_channel_is_the_hook_directory_unless_it_is_incoming(tmp_path: Path) -> None:
+    spool = SpoolLayout(tmp_path)
+    assert spool.in_hook_channel(spool.hook / "1.json")
+    assert not spool.in_hook_channel(spool.incoming / "1.json")
+    same = SpoolLayout(tmp_path, tmp_path / "incoming")
+    assert not same.in_hook_channel(same.incoming / "1.json")

@@ -40,9 +40,7 @@ def layout(tmp_path: Path) -> SpoolLayout:
 
 
 def channels(layout: SpoolLayout, *, private: bool = True) -> Channels:
-    return Channels(
-        layout.incoming, layout.hook, hook_trusted=True, incoming_private=private, hook_seen={}
-    )
+    return Channels(layout, hook_trusted=True, incoming_private=private, hook_seen={})
 
 
 def reader(store: Store, seen: bool = False) -> SpoolReader:
@@ -107,9 +105,7 @@ def test_gone_and_untrusted_hook_files_are_nothing(layout: SpoolLayout) -> None:
     gone = reader(Store([OUT])).read(layout.incoming / "gone.json", channels(layout))
     assert gone.verdict is Verdict.NOTHING
     path = write(layout.hook / "6.json", hook_envelope(DRV, OUT, 1.0), newline=True)
-    untrusted = Channels(
-        layout.incoming, layout.hook, hook_trusted=False, incoming_private=True, hook_seen={}
-    )
+    untrusted = Channels(layout, hook_trusted=False, incoming_private=True, hook_seen={})
     assert reader(Store([OUT])).read(path, untrusted).verdict is Verdict.NOTHING
 
 
@@ -120,7 +116,10 @@ def test_a_hook_directory_that_is_incoming_itself_is_read_as_incoming(
     # "hook directory" (the shared incoming/) must not hide them.
     path = write(layout.incoming / "7.json", hook_envelope(DRV, OUT, 1.0))
     same = Channels(
-        layout.incoming, layout.incoming, hook_trusted=False, incoming_private=True, hook_seen={}
+        SpoolLayout(layout.root, layout.incoming),
+        hook_trusted=False,
+        incoming_private=True,
+        hook_seen={},
     )
     read = reader(Store([OUT])).read(path, same)
     assert read.verdict is Verdict.ACCEPT and read.identity is None
