@@ -351,8 +351,11 @@ def test_a_failed_push_waits_for_its_backoff_on_the_injected_clock(
 def test_a_bad_file_is_quarantined_and_counted(bridge: Bridge) -> None:
     daemon = bridge.start()
     bridge.drop("broken.json", b"{")
+    # The count comes last: the reason file is written before the move, by design.
     wait_for(
-        lambda: (bridge.layout.quarantine / "broken.json.reason").exists(), 20, message="quarantine"
+        lambda: bridge.value("events_rejected_total", reason="invalid_json") == 1,
+        20,
+        message="quarantine",
     )
     assert not (bridge.layout.incoming / "broken.json").exists()
     assert (bridge.layout.quarantine / "broken.json").read_bytes() == b"{"
