@@ -16,6 +16,7 @@ chunk of a split notification is recorded once.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -138,6 +139,9 @@ class HydraDbSource:
         self.retention_seconds = config.retention_days * 86400
         self._newest = self.state.newest()
         self._next_prune = 0.0
+        self.state_backoff = FailureBackoff(
+            "recording Hydra's builds in the state database", log, initial=1.0, maximum=60.0
+        )
         db_metrics.connected.set(0)
         db_metrics.lag.set_function(self._lag)
 
@@ -157,6 +161,12 @@ class HydraDbSource:
                 self.db_metrics.reconnects.inc()
                 self._set_state("disconnected", _describe(exc))
                 self.stop.wait(backoff.failed(exc))
+            except sqlite3.Error as exc:
+                # Our own state database (disk full, locked) during the first catch-up:
+                # wait, then connect and catch up again from the unchanged checkpoint.
+                self.db_metrics.connected.set(0)
+                self._set_state("waiting for the state database", _describe(exc))
+                self.stop.wait(self.state_backoff.failed(exc))
             finally:
                 for conn in connections:
                     _close(conn)
@@ -176,18 +186,26 @@ class HydraDbSource:
         self.db_metrics.connected.set(1)
         caught = self.catch_up(reader)
         backoff.succeeded()
+        self.state_backoff.succeeded()
         log.info("Hydra database: caught up (%d new build(s)); listening for %s", caught, CHANNEL)
         self._set_state("listening", None)
         next_poll = self.clock.monotonic() + self.settings.poll_seconds
         while not self.stop.is_set():
             wait = min(WAIT_SLICE_SECONDS, max(0.0, next_poll - self.clock.monotonic()))
             ids = self._wait_for_builds(listener, wait)
-            if ids:
-                self.handle(reader, ids)
-            if self.clock.monotonic() >= next_poll:
-                self.catch_up(reader)
-                self._maybe_prune()
-                next_poll = self.clock.monotonic() + self.settings.poll_seconds
+            try:
+                if ids and not self.state_backoff.failures:
+                    self.handle(reader, ids)
+                if self.clock.monotonic() >= next_poll:
+                    self.catch_up(reader)
+                    self._maybe_prune()
+                    next_poll = self.clock.monotonic() + self.settings.poll_seconds
+                    self.state_backoff.succeeded()
+            except sqlite3.Error as exc:
+                # Our state database refused the write (disk full, locked): Hydra's side
+                # is fine, so stay connected. Nothing was recorded and the checkpoint did
+                # not move; the next catch-up, after a pause, reads these builds again.
+                next_poll = self.clock.monotonic() + self.state_backoff.failed(exc)
 
     def _wait_for_builds(self, listener: psycopg.Connection[Any], timeout: float) -> list[int]:
         payloads = [n.payload for n in listener.notifies(timeout=timeout, stop_after=1)]

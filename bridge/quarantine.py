@@ -139,13 +139,17 @@ class RejectionCounter:
     def claim(self, target: Path, reason: str) -> bool:
         """Record that the daemon itself counts this just-quarantined file; False if it
         was counted before or cannot be recorded now (the next check counts it then)."""
-        name = ledger_name(reason_path(target).name)
         try:
             with self.queue.transaction():
-                return self.queue.mark_quarantine_counted(name, reason, self.clock())
+                return self.mark(target, reason)
         except sqlite3.Error as exc:
-            log.debug("cannot record quarantined %s as counted yet: %s", name, exc)
+            log.debug("cannot record quarantined %s as counted yet: %s", target.name, exc)
             return False
+
+    def mark(self, target: Path, reason: str) -> bool:
+        """`claim` inside the caller's transaction; False if it was counted before."""
+        name = ledger_name(reason_path(target).name)
+        return self.queue.mark_quarantine_counted(name, reason, self.clock())
 
     def check(self) -> int:
         """Count, log and remember every `.reason` file not counted yet; return how many."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 from bridge.logsetup import input_logger
 from bridge.quarantine import RejectionCounter
-from bridge.spool import SpoolLayout, quarantine, quarantine_bytes
+from bridge.spool import SpoolLayout, discard_quarantined, quarantine, quarantine_bytes
 from bridge.spoolread import Identity
 from bridge.statedb import StateDb
 
@@ -46,13 +47,13 @@ class Rejecter:
         """Quarantine one file; False when it could not be (it is tried again later)."""
         hook = self.layout.in_hook_channel(path)
         try:
-            if hook and identity is None:
-                info = os.lstat(path)
-                identity = (info.st_ino, info.st_mtime_ns, info.st_size)
             if hook:
-                target = quarantine_bytes(self.layout, "hook", data, reason, message, self.now())
+                target = self._copy_hook_file(path, identity, data, reason, message)
+                fresh = True
             else:
                 target = quarantine(self.layout, path, reason, message, self.now())
+                # Claimed, so that the quarantine rescan does not count it a second time.
+                fresh = self.counter.claim(target, reason)
         except FileNotFoundError:
             return False  # gone meanwhile: nothing left to quarantine
         except OSError as exc:
@@ -67,12 +68,7 @@ class Rejecter:
                 else "it stays in incoming/ for the next rescan",
             )
             return False
-        if hook and identity is not None:
-            with self.db.transaction():
-                self.db.record_hook_file(path.name, identity, self.now())
-            self.hook_seen[path.name] = identity
-        # Claimed, so that the quarantine rescan does not count this file a second time.
-        if self.counter.claim(target, reason):
+        if fresh:
             self.counter.count(reason)
         if hook:
             log.warning(
@@ -85,3 +81,26 @@ class Rejecter:
         else:
             log.warning("quarantined %s as %s: %s (%s)", path.name, reason, message, str(target))
         return True
+
+    def _copy_hook_file(
+        self, path: Path, identity: Identity | None, data: bytes, reason: str, message: str
+    ) -> Path:
+        """Copy a hook file into quarantine, remembered as consumed and counted in one
+        transaction: if the database refuses, the copy goes too, so the next pass neither
+        copies nor counts the file a second time."""
+        if identity is None:
+            info = os.lstat(path)
+            identity = (info.st_ino, info.st_mtime_ns, info.st_size)
+        now = self.now()
+        target: Path | None = None
+        try:
+            with self.db.transaction():
+                self.db.record_hook_file(path.name, identity, now)
+                target = quarantine_bytes(self.layout, "hook", data, reason, message, now)
+                self.counter.mark(target, reason)
+        except sqlite3.Error:
+            if target is not None:
+                discard_quarantined(target)
+            raise
+        self.hook_seen[path.name] = identity
+        return target

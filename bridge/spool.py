@@ -392,6 +392,12 @@ def _write_reason(target: Path, original: str, reason: str, message: str, now: f
         raise
 
 
+def discard_quarantined(target: Path) -> None:
+    """Remove a file put into quarantine and its `.reason` file (undoing a copy)."""
+    _unlink_quietly(reason_path(target))
+    _unlink_quietly(target)
+
+
 def quarantine_bytes(
     layout: SpoolLayout, kind: str, data: bytes, reason: str, message: str, now: float
 ) -> Path:

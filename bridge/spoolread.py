@@ -58,7 +58,7 @@ class FileRead:
     message: str = ""
     """Why it is rejected, or why it is deferred (empty while a file is still settling)."""
     data: bytes = b""
-    """A rejected hook file's content, copied into quarantine (the file itself stays)."""
+    """A hook file's content, copied into quarantine if it is rejected (the file stays)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,14 @@ class SpoolReader:
                 message=f"unexpected {type(exc).__name__}",
                 data=data,
             )
-        return FileRead(path, Verdict.ACCEPT, event=event, digest=digest, identity=identity)
+        return FileRead(
+            path,
+            Verdict.ACCEPT,
+            event=event,
+            digest=digest,
+            identity=identity,
+            data=data if hook else b"",  # quarantined if the database refuses the event
+        )
 
     def _checked_outputs(self, event: Event) -> Event:
         """A hook event with only DRV_PATH gets its outputs from the store; a Hydra event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -181,6 +182,72 @@ def test_split_notification_records_build_and_dependents_once(
     assert sorted(e[1] for e in events) == sorted([head, *dependents])
     assert {e[6] for e in events} == {"status_filtered"}
     assert harness.items() == []
+
+
+def _refuse_writes_while(
+    monkeypatch: pytest.MonkeyPatch, broken: threading.Event
+) -> list[int]:
+    """Make the state database refuse every event while `broken` is set; count refusals."""
+    real = Intake.record
+    refused: list[int] = []
+
+    def record(self: Intake, db: StateDb, event: Any, **kwargs: Any) -> Any:
+        if broken.is_set():
+            refused.append(event.build_id)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, db, event, **kwargs)
+
+    monkeypatch.setattr(Intake, "record", record)
+    return refused
+
+
+def test_a_full_state_database_is_waited_out_while_connected(
+    harness: Harness, hydra_db: HydraDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = threading.Event()
+    refused = _refuse_writes_while(monkeypatch, broken)
+    jobset = hydra_db.jobset()
+    harness.start()
+    wait_for(lambda: _state(harness) == "listening", "listening")
+    broken.set()
+    build = hydra_db.queue_build(jobset, "while-full", *_one(1))
+    hydra_db.finish_build(build, stoptime=int(time.time()))
+    wait_for(lambda: refused, "the refused write")
+    time.sleep(0.5)  # notifications and polls meanwhile must not end the thread
+    assert harness.thread is not None and harness.thread.is_alive()
+    assert harness.events() == []
+    broken.clear()
+    # No new notification: the catch-up after the pause reads the build again.
+    wait_for(lambda: len(harness.events()) == 1, "the build, once the disk has room", 20)
+    assert harness.events()[0][1] == build
+    assert harness.value("hydra_db_connected") == 1
+    assert harness.value("hydra_db_reconnects_total") == 0
+    assert harness.thread.is_alive()
+
+
+def test_a_full_state_database_during_the_first_catch_up_is_waited_out(
+    harness: Harness, hydra_db: HydraDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = threading.Event()
+    refused = _refuse_writes_while(monkeypatch, broken)
+    jobset = hydra_db.jobset()
+    build = hydra_db.queue_build(jobset, "before-start", *_one(1))
+    hydra_db.finish_build(build, stoptime=int(time.time()), notify=False)
+    broken.set()
+    harness.start()
+    wait_for(lambda: refused, "the refused write")
+    wait_for(lambda: _state(harness) == "waiting for the state database", "the waiting state")
+    assert harness.thread is not None and harness.thread.is_alive()
+    broken.clear()
+    wait_for(lambda: len(harness.events()) == 1, "the build, once the disk has room", 20)
+    assert harness.events()[0][1] == build
+    wait_for(lambda: _state(harness) == "listening", "listening again")
+    assert harness.value("hydra_db_reconnects_total") == 0
+
+
+def _state(harness: Harness) -> str | None:
+    status = HydraState(harness.queue.conn).status()
+    return None if status is None else status.state
 
 
 def _one(n: int) -> tuple[str, list[tuple[str, str | None]]]:

@@ -517,3 +517,37 @@ def test_a_hook_dir_set_to_incoming_still_ingests_its_files(
         assert os.listdir(layout.incoming) == []
     finally:
         db.close()
+
+
+def test_a_file_the_database_refuses_is_quarantined_and_the_others_recorded(
+    h: Harness, built: list[Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = h.make()
+    good = write_event(h.layout, "hydra", hydra_doc(built[0], 21))
+    refused = write_event(h.layout, "hydra", hydra_doc(built[1], 22))
+    hook_data = json.dumps(hook_envelope(built[2].drv, built[2].out, 1.0)).encode() + b"\n"
+    hook_file = h.layout.hook / "1-hook.json"
+    hook_file.write_bytes(hook_data)
+    real = ingestor.intake.record
+
+    def record(db: StateDb, event: Any, **kwargs: Any) -> Any:
+        if event.build_id == 22 or event.source == "hook":
+            raise ValueError("a row this database refuses")
+        return real(db, event, **kwargs)
+
+    monkeypatch.setattr(ingestor.intake, "record", record)
+    stats = ingestor.ingest(ingestor.scan())
+    assert (stats.recorded, stats.quarantined) == (1, 2)
+    assert h.items() == [("c", built[0].out, "pending")]
+    assert h.incoming() == [] and not good.exists()
+    quarantined = h.quarantined()
+    assert quarantined[refused.name]["reason"] == "invalid_event"
+    assert quarantined[refused.name]["message"] == "cannot be recorded: ValueError"
+    [hook_copy] = [name for name in quarantined if name != refused.name]
+    # The hook file stays in its directory; its copy has its content.
+    assert (h.layout.quarantine / hook_copy).read_bytes() == hook_data
+    assert hook_file.read_bytes() == hook_data
+    assert h.value("events_rejected_total", reason="invalid_event") == 2
+    # Consumed: the next pass neither reads nor counts it again.
+    monkeypatch.undo()
+    assert ingestor.scan() == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bridge import reject as reject_module
 from bridge.quarantine import RejectionCounter, read_reason, reason_files
 from bridge.reject import Rejecter
 from bridge.spool import SpoolLayout
@@ -70,3 +73,44 @@ def test_a_file_gone_meanwhile_is_not_counted(s: Setup) -> None:
     assert not s.rejecter.reject(s.layout.incoming / "gone.json", "invalid_json", "x")
     assert not s.rejecter.reject(s.layout.hook / "gone.json", "invalid_json", "x")
     assert s.counted == [] and reason_files(s.layout) == [] and s.seen == {}
+
+
+def test_a_hook_file_the_database_refuses_is_neither_copied_nor_counted(
+    s: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = s.layout.hook / "3-c.json"
+    path.write_bytes(b"[\n")
+
+    def disk_full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    # Refused at the last write of the transaction, after the copy is made.
+    monkeypatch.setattr(s.rejecter.counter, "mark", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        s.rejecter.reject(path, "invalid_json", "x", data=b"[\n")
+    assert os.listdir(s.layout.quarantine) == []
+    assert s.counted == [] and s.seen == {} and s.queue.hook_files() == {}
+    monkeypatch.undo()
+    # The next pass: one copy, counted once.
+    assert s.rejecter.reject(path, "invalid_json", "x", data=b"[\n")
+    assert s.rejecter.counter.check() == 0
+    [name] = reason_files(s.layout)
+    assert (s.layout.quarantine / name.removesuffix(".reason")).read_bytes() == b"[\n"
+    assert s.counted == ["invalid_json"] and list(s.seen) == ["3-c.json"]
+
+
+def test_a_hook_file_that_cannot_be_copied_is_tried_again(
+    s: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = s.layout.hook / "4-d.json"
+    path.write_bytes(b"[\n")
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reject_module, "quarantine_bytes", no_space)
+    assert not s.rejecter.reject(path, "invalid_json", "x", data=b"[\n")
+    assert s.queue.hook_files() == {} and s.seen == {} and s.counted == []
+    monkeypatch.undo()
+    assert s.rejecter.reject(path, "invalid_json", "x", data=b"[\n")
+    assert s.counted == ["invalid_json"] and len(reason_files(s.layout)) == 1
