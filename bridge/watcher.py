@@ -14,8 +14,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
 
 Notification = tuple[Path, bool]
 """A file that appeared, and whether its writer is known to be done (renamed in or closed)."""
@@ -29,7 +29,8 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            self.sink.put((Path(os.fsdecode(event.dest_path)), True))
+            if event.dest_path:  # empty when moved out to a directory not watched
+                self.sink.put((Path(os.fsdecode(event.dest_path)), True))
         elif isinstance(event, FileClosedEvent):
             self.sink.put((Path(os.fsdecode(event.src_path)), True))
         elif isinstance(event, FileCreatedEvent):
@@ -55,7 +56,9 @@ class SpoolWatcher:
 
     def start(self) -> None:
         """Start watching (before the initial scan, so nothing falls between the two)."""
-        observer = Observer()
+        # Full events: a file renamed in from tmp/, which is not watched, is a move (its
+        # writer is done), not a creation, so a defective one is quarantined at once.
+        observer = InotifyObserver(generate_full_events=True)
         handler = _Handler(self.sink)
         observer.schedule(handler, str(self.directory), recursive=False)
         info = os.stat(self.directory)

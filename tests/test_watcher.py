@@ -88,20 +88,29 @@ def test_a_file_renamed_within_the_watched_directory_is_notified_as_complete(w: 
     assert w.until((target, True)) == [(target, True)]
 
 
-def test_a_file_renamed_in_from_an_unwatched_directory_is_notified_as_created(
+def test_a_file_renamed_in_from_an_unwatched_directory_is_notified_as_complete(
     w: Watch,
 ) -> None:
     """What producers do (tmp/ to incoming/). inotify reports only IN_MOVED_TO here, with no
-    IN_MOVED_FROM to pair it with, and watchdog turns that into a FileCreatedEvent: the
-    notification does not say the writer is done, so ingest treats the file as possibly
-    still being written (a defective young file waits to settle before quarantine)."""
+    IN_MOVED_FROM to pair it with; watchdog's full events make that a move, not a
+    creation, so ingest knows the writer is done."""
     watcher = w.watcher()
     watcher.start()
     source = w.tmp / "w-1"
     source.write_bytes(b"{}")
     target = w.incoming / "event.json"
     os.rename(source, target)
-    assert w.until((target, False)) == [(target, False)]
+    assert w.until((target, True)) == [(target, True)]
+    assert w.quiet() == []
+
+
+def test_a_file_moved_out_to_an_unwatched_directory_is_not_notified(w: Watch) -> None:
+    path = w.incoming / "event.json"
+    path.write_bytes(b"{}")
+    watcher = w.watcher()
+    watcher.start()
+    os.rename(path, w.tmp / "taken.json")
+    time.sleep(0.6)  # watchdog holds an unpaired IN_MOVED_FROM 0.5 s for its IN_MOVED_TO
     assert w.quiet() == []
 
 
