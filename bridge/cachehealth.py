@@ -42,9 +42,9 @@ class CacheHealthBook:
         self._health = {name: CacheHealth(name) for name in caches}
         self._last_success: dict[str, float] = {}
 
-    def load(self, queue: StateDb) -> None:
+    def load(self, db: StateDb) -> None:
         """Take the state recorded before a restart (a cache down stays down)."""
-        recorded = queue.cache_health()
+        recorded = db.cache_health()
         with self._lock:
             for name in self._health:
                 if name in recorded:
@@ -72,7 +72,7 @@ class CacheHealthBook:
             return self._last_success.get(cache, float("-inf")) >= started
 
     def succeeded(
-        self, queue: StateDb, cache: str, persist: Callable[[Callable[[], None]], None]
+        self, db: StateDb, cache: str, persist: Callable[[Callable[[], None]], None]
     ) -> None:
         """A push to cache succeeded: it is up, and everything waiting is due."""
         now = self.clock.time()
@@ -82,7 +82,7 @@ class CacheHealthBook:
             if before.up:
                 return
             self._health[cache] = CacheHealth(cache)
-        persist(lambda: queue.save_cache_health(CacheHealth(cache), now))
+        persist(lambda: db.save_cache_health(CacheHealth(cache), now))
         self.metrics.cache_up.labels(cache).set(1)
         log.warning(
             "cache %s is up again after %.0fs down (%d failed push(es)); queued paths flow again",
@@ -93,7 +93,7 @@ class CacheHealthBook:
 
     def failed(
         self,
-        queue: StateDb,
+        db: StateDb,
         cache: str,
         error: str,
         push_started: float,
@@ -119,7 +119,7 @@ class CacheHealthBook:
                 last_error=error,
             )
             self._health[cache] = after
-        persist(lambda: queue.save_cache_health(after, now, failed=True))
+        persist(lambda: db.save_cache_health(after, now, failed=True))
         if before.up:
             self.metrics.cache_up.labels(cache).set(0)
             log.error(

@@ -271,14 +271,14 @@ def status(config_path: Path | None, as_json: bool, dead_limit: int) -> None:
     statuses, dead = [], []
     if config.database_path.exists():
         try:
-            queue = StateDb(config.database_path, create=False)
+            db = StateDb(config.database_path, create=False)
         except StateDbError as exc:
             _fail(str(exc))
         try:
-            statuses = queue.cache_statuses(config.caches)
-            dead = queue.dead_letters(dead_limit)
+            statuses = db.cache_statuses(config.caches)
+            dead = db.dead_letters(dead_limit)
         finally:
-            queue.close()
+            db.close()
     else:
         from bridge.statedb import CacheStatus
         from exporter.vocabulary import ItemState
@@ -310,13 +310,13 @@ def _hydra_db_status(config: Config) -> SourceStatus | None:
     if not config.database_path.exists():
         return None
     try:
-        queue = StateDb(config.database_path, create=False)
+        db = StateDb(config.database_path, create=False)
     except StateDbError:
         return None
     try:
-        return HydraState(queue.conn).status()
+        return HydraState(db.conn).status()
     finally:
-        queue.close()
+        db.close()
 
 
 @main.command()
@@ -334,13 +334,13 @@ def retry(config_path: Path | None, retry_all: bool, ids: tuple[int, ...]) -> No
         _fail("give either --all or one or more IDs (see `hydra-cachix-bridge status`)", 2)
     config = _load(config_path)
     try:
-        queue = StateDb(config.database_path, create=False)
+        db = StateDb(config.database_path, create=False)
     except StateDbError as exc:
         _fail(str(exc))
     try:
-        count = queue.retry_dead(None if retry_all else list(ids), time.time())
+        count = db.retry_dead(None if retry_all else list(ids), time.time())
     finally:
-        queue.close()
+        db.close()
     _log_retry(config, count, "all" if retry_all else ", ".join(f"#{i}" for i in ids))
     click.echo(f"{count} dead-lettered path(s) queued again")
     if count and not daemon_running(config.state_dir):
@@ -435,14 +435,14 @@ def backfill(
     except (psycopg.Error, SecretError) as exc:
         _fail(f"cannot connect to Hydra's database: {exc}")
     try:
-        queue = StateDb(config.database_path)
+        db = StateDb(config.database_path)
     except StateDbError as exc:
         conn.close()
         _fail(str(exc))
     try:
         clock = SystemClock()
         intake = Intake(config.rules, _offline_metrics(CollectorRegistry()), clock)
-        job = Backfill(HydraReader(conn), queue, intake, clock)
+        job = Backfill(HydraReader(conn), db, intake, clock)
         total = job.count(selection)
         label = "counting" if dry_run else "recording"
         with click.progressbar(length=total, label=f"{label} {total} build(s)") as bar:
@@ -452,7 +452,7 @@ def backfill(
     except psycopg.Error as exc:
         _fail(f"reading Hydra's database failed: {exc}")
     finally:
-        queue.close()
+        db.close()
         conn.close()
     click.echo(render_backfill(report, selection, dry_run, time.time()), nl=False)
 

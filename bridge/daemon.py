@@ -204,7 +204,7 @@ class Daemon:
             settings=config.push,
             caches=config.caches,
             backends=self.backends,
-            queue_factory=lambda: StateDb(config.database_path, durable=False),
+            db_factory=lambda: StateDb(config.database_path, durable=False),
             store=self.store,
             metrics=self.metrics,
             clock=self.clock,
@@ -299,13 +299,13 @@ class Daemon:
         from bridge.hydrasource import HydraDbSource
 
         assert self.hydra_db_metrics is not None
-        queue = StateDb(self.config.database_path)
+        db = StateDb(self.config.database_path)
         try:
             HydraDbSource(
-                self.config, queue, intake, self.hydra_db_metrics, self.clock, stop=self.stopping
+                self.config, db, intake, self.hydra_db_metrics, self.clock, stop=self.stopping
             ).run()
         finally:
-            queue.close()
+            db.close()
 
     # -- health and maintenance -----------------------------------------------------------
 
@@ -330,9 +330,9 @@ class Daemon:
     def landing_page(self) -> str:
         """The live summary served at /."""
         with self._scrape_lock:
-            queue = self._scrape_db
-            statuses = queue.cache_statuses(self.config.caches) if queue is not None else []
-            dead = queue.dead_letters(LANDING_DEAD_LETTERS) if queue is not None else []
+            db = self._scrape_db
+            statuses = db.cache_statuses(self.config.caches) if db is not None else []
+            dead = db.dead_letters(LANDING_DEAD_LETTERS) if db is not None else []
         follower = self.follower
         readable = (
             follower.readable() if follower is not None else [False] * len(self.config.log_sources)

@@ -79,10 +79,10 @@ def hydra_payload(build_id: int, drv_path: str, out_path: str, now: int) -> dict
     }
 
 
-def _done_counts(queue: StateDb) -> dict[str, dict[str, int]]:
+def _done_counts(db: StateDb) -> dict[str, dict[str, int]]:
     """Items per cache and state."""
     counts: dict[str, dict[str, int]] = {}
-    for (cache, state), count in queue.counts().items():
+    for (cache, state), count in db.counts().items():
         counts.setdefault(cache, {})[state] = count
     return counts
 
@@ -114,13 +114,13 @@ def _wait_pushed(
     echo: Callable[[str], None],
 ) -> dict[str, int]:
     """Wait until this run's paths left the queue in every cache, printing progress."""
-    queue = StateDb(config.database_path)
+    db = StateDb(config.database_path)
     try:
         deadline = time.monotonic() + timeout
         shown: dict[str, int] = {}
         last_line = time.monotonic()
         while True:
-            counts = _done_counts(queue)
+            counts = _done_counts(db)
             busy = False
             for cache in config.caches:
                 states = counts.get(cache, {})
@@ -142,7 +142,7 @@ def _wait_pushed(
                 raise DemoError(f"not everything was pushed within {timeout:.0f}s: {counts}")
             time.sleep(0.1)
     finally:
-        queue.close()
+        db.close()
 
 
 def _build(
@@ -204,11 +204,11 @@ def _command_name() -> str:
 
 
 def _baseline(config: Config) -> dict[str, dict[str, int]]:
-    queue = StateDb(config.database_path)
+    db = StateDb(config.database_path)
     try:
-        return _done_counts(queue)
+        return _done_counts(db)
     finally:
-        queue.close()
+        db.close()
 
 
 def run_demo(

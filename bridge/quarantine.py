@@ -127,12 +127,12 @@ class RejectionCounter:
     def __init__(
         self,
         layout: SpoolLayout,
-        queue: StateDb,
+        db: StateDb,
         count: Callable[[str], None],
         clock: Callable[[], float],
     ) -> None:
         self.layout = layout
-        self.queue = queue
+        self.db = db
         self.count = count
         self.clock = clock
 
@@ -140,7 +140,7 @@ class RejectionCounter:
         """Record that the daemon itself counts this just-quarantined file; False if it
         was counted before or cannot be recorded now (the next check counts it then)."""
         try:
-            with self.queue.transaction():
+            with self.db.transaction():
                 return self.mark(target, reason)
         except sqlite3.Error as exc:
             log.debug("cannot record quarantined %s as counted yet: %s", target.name, exc)
@@ -149,7 +149,7 @@ class RejectionCounter:
     def mark(self, target: Path, reason: str) -> bool:
         """`claim` inside the caller's transaction; False if it was counted before."""
         name = ledger_name(reason_path(target).name)
-        return self.queue.mark_quarantine_counted(name, reason, self.clock())
+        return self.db.mark_quarantine_counted(name, reason, self.clock())
 
     def check(self) -> int:
         """Count, log and remember every `.reason` file not counted yet; return how many."""
@@ -158,15 +158,15 @@ class RejectionCounter:
         except OSError as exc:
             log.error("cannot list %s: %s", self.layout.quarantine, exc.strerror)
             return 0
-        counted = self.queue.quarantine_counted()
+        counted = self.db.quarantine_counted()
         keys = {name: ledger_name(name) for name in names}
         new = [name for name in names if keys[name] not in counted]
         gone = counted.difference(keys.values())
         found = 0
         for name in new:
             entry = read_reason(self.layout, name)
-            with self.queue.transaction():
-                fresh = self.queue.mark_quarantine_counted(keys[name], entry.reason, self.clock())
+            with self.db.transaction():
+                fresh = self.db.mark_quarantine_counted(keys[name], entry.reason, self.clock())
             if not fresh:
                 continue
             found += 1
@@ -180,6 +180,6 @@ class RejectionCounter:
             )
         if gone:
             # Removed by the operator: forget them, so the table does not grow forever.
-            with self.queue.transaction():
-                self.queue.forget_quarantine_counted(gone)
+            with self.db.transaction():
+                self.db.forget_quarantine_counted(gone)
         return found

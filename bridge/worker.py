@@ -121,7 +121,7 @@ class PushWorkers:
         settings: PushSettings,
         caches: Mapping[str, CacheConfig],
         backends: Mapping[str, Backend],
-        queue_factory: Callable[[], StateDb],
+        db_factory: Callable[[], StateDb],
         store: NixStore,
         metrics: BridgeMetrics,
         clock: Clock,
@@ -130,7 +130,7 @@ class PushWorkers:
         self.settings = settings
         self.caches = dict(caches)
         self.backends = dict(backends)
-        self.queue_factory = queue_factory
+        self.db_factory = db_factory
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -156,11 +156,11 @@ class PushWorkers:
 
     def start(self) -> None:
         """Load the caches' up/down state and start the worker threads."""
-        queue = self.queue_factory()
+        db = self.db_factory()
         try:
-            self.health.load(queue)
+            self.health.load(db)
         finally:
-            queue.close()
+            db.close()
         self.pushed_bytes.start()
         for index in range(self.settings.workers):
             thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)
@@ -199,12 +199,12 @@ class PushWorkers:
     # -- worker loop ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        queue = self.queue_factory()
+        db = self.db_factory()
         backoff = FailureBackoff(f"push worker {threading.current_thread().name}", log)
         try:
             while not self.stopping.is_set():
                 try:
-                    self._step(queue)
+                    self._step(db)
                 except Exception as exc:
                     # The database is locked for too long, full, or read-only: keep the
                     # thread, pause, try again. Claimed items come back via release_orphans.
@@ -212,20 +212,20 @@ class PushWorkers:
                 else:
                     backoff.succeeded()
         finally:
-            queue.close()
+            db.close()
 
-    def _step(self, queue: StateDb) -> None:
-        claimed = self._claim(queue)
+    def _step(self, db: StateDb) -> None:
+        claimed = self._claim(db)
         if claimed is None:
-            self._idle(queue)
+            self._idle(db)
             return
         cache, items, control = claimed
         try:
             try:
                 if control is not None:
-                    self._probe(queue, cache, control)
+                    self._probe(db, cache, control)
                 else:
-                    self._push(queue, cache, items)
+                    self._push(db, cache, items)
             except sqlite3.Error:
                 raise
             except Exception as exc:
@@ -236,7 +236,7 @@ class PushWorkers:
                         False, 0.0, FailureReason.SPAWN_ERROR, error, exhausted=True
                     )
                     self._exhausted(
-                        queue, cache, self.caches[cache], items, outcome, self.clock.time()
+                        db, cache, self.caches[cache], items, outcome, self.clock.time()
                     )
                     return
                 # Count it as a failed push (with backoff), never a free immediate retry.
@@ -248,15 +248,13 @@ class PushWorkers:
                     f"internal error: {type(exc).__name__} (see the log)",
                 )
                 if items:
-                    self._failed(
-                        queue, cache, self.caches[cache], items, outcome, self.clock.time()
-                    )
+                    self._failed(db, cache, self.caches[cache], items, outcome, self.clock.time())
         finally:
             with self._lock:
                 self._running[cache] -= 1
                 self._held.difference_update(item.id for item in items)
 
-    def _claim(self, queue: StateDb) -> tuple[str, list[Item], str | None] | None:
+    def _claim(self, db: StateDb) -> tuple[str, list[Item], str | None] | None:
         """A batch to push, or for a down cache one probe: (cache, items, control path)."""
         names = list(self.caches)
         now = self.clock.time()
@@ -273,11 +271,11 @@ class PushWorkers:
                 self._running[cache] += 1
             try:
                 if down:
-                    control = self._control_path(queue, cache)
-                    items = [] if control is not None else queue.claim_probe(cache, now)
+                    control = self._control_path(db, cache)
+                    items = [] if control is not None else db.claim_probe(cache, now)
                 else:
                     control = None
-                    items = queue.claim(cache, self.settings.batch_size, now)
+                    items = db.claim(cache, self.settings.batch_size, now)
             except BaseException:
                 with self._lock:
                     self._running[cache] -= 1
@@ -294,10 +292,10 @@ class PushWorkers:
                 self.health.postpone(cache, now + self.backoff.delay(1))
         return None
 
-    def _control_path(self, queue: StateDb, cache: str) -> str | None:
+    def _control_path(self, db: StateDb, cache: str) -> str | None:
         """A path this cache already has and the store still holds: pushing it again can
         only fail because of the cache, so it probes a down cache without risking a path."""
-        recent = queue.recently_pushed(cache)
+        recent = db.recently_pushed(cache)
         if not recent:
             return None
         try:
@@ -306,19 +304,19 @@ class PushWorkers:
             return None
         return next((path for path in recent if path not in invalid), None)
 
-    def release_orphans(self, queue: StateDb) -> int:
+    def release_orphans(self, db: StateDb) -> int:
         """Items left in flight by a worker whose database write failed go back to pending."""
         with self._lock:
             held = set(self._held)
         now = self.clock.time()
-        return queue.release_orphans(held, older_than=now - ORPHAN_AGE_SECONDS, now=now)
+        return db.release_orphans(held, older_than=now - ORPHAN_AGE_SECONDS, now=now)
 
-    def _idle(self, queue: StateDb) -> None:
+    def _idle(self, db: StateDb) -> None:
         now = self.clock.time()
         due = []
         for cache in self.caches:
             probe_at = self.health.wake_at(cache)
-            due.append(queue.next_due_at(cache) if probe_at is None else probe_at)
+            due.append(db.next_due_at(cache) if probe_at is None else probe_at)
         timeout = IDLE_POLL_SECONDS
         known = [d for d in due if d is not None]
         if known:
@@ -328,7 +326,7 @@ class PushWorkers:
                 self._wakeup.wait(timeout)
             self._woken = False
 
-    def _probe(self, queue: StateDb, cache: str, path: str) -> None:
+    def _probe(self, db: StateDb, cache: str, path: str) -> None:
         """Push a path the down cache already has: success means it is back."""
         config = self.caches[cache]
         m = self.metrics
@@ -339,14 +337,14 @@ class PushWorkers:
         m.push_duration.labels(cache).observe(outcome.duration)
         if outcome.ok:
             m.pushes_succeeded.labels(cache, config.backend).inc()
-            self.health.succeeded(queue, cache, self._persist)
+            self.health.succeeded(db, cache, self._persist)
         elif not outcome.cancelled:
             reason = outcome.reason or FailureReason.EXIT_STATUS
             m.pushes_failed.labels(cache, config.backend, reason).inc()
             m.last_failure.labels(cache).set(self.clock.time())
-            self.health.failed(queue, cache, outcome.error or reason, started, self._persist)
+            self.health.failed(db, cache, outcome.error or reason, started, self._persist)
 
-    def _push(self, queue: StateDb, cache: str, items: list[Item]) -> None:
+    def _push(self, db: StateDb, cache: str, items: list[Item]) -> None:
         backend = self.backends[cache]
         config = self.caches[cache]
         m = self.metrics
@@ -367,12 +365,12 @@ class PushWorkers:
             # skipped, and any no longer on disk (a store query per batch would cost more
             # than the push of an instant cache).
             uploaded = (
-                self._skip_uploaded_invalid(queue, cache, items, outcome.skipped)
+                self._skip_uploaded_invalid(db, cache, items, outcome.skipped)
                 if BACKEND_KINDS[config.backend].skips_invalid
                 else items
             )
-            self._persist(lambda: queue.mark_pushed(uploaded, now))
-            self.health.succeeded(queue, cache, self._persist)
+            self._persist(lambda: db.mark_pushed(uploaded, now))
+            self.health.succeeded(db, cache, self._persist)
             if uploaded:
                 m.count_paths(cache, ((item.project, item.jobset) for item in uploaded))
                 m.last_success.labels(cache).set(now)
@@ -381,30 +379,30 @@ class PushWorkers:
                 self.pushed_bytes.add(cache, [item.path for item in uploaded])
             log.info("pushed %d path(s) to %s in %.2fs", len(uploaded), cache, outcome.duration)
         elif outcome.exhausted:
-            self._exhausted(queue, cache, config, items, outcome, now)
+            self._exhausted(db, cache, config, items, outcome, now)
         elif outcome.cancelled:
-            self._persist(lambda: queue.release(items, now))
+            self._persist(lambda: db.release(items, now))
             log.warning(
                 "push of %d path(s) to %s cancelled at shutdown; left pending", len(items), cache
             )
         else:
-            valid = self._skip_invalid(queue, cache, items)
+            valid = self._skip_invalid(db, cache, items)
             if len(valid) < len(items):
                 # The failure is explained by paths that are gone: retry the rest at once,
                 # without counting an attempt against them.
                 m.pushes_failed.labels(cache, config.backend, FailureReason.INVALID_PATH).inc()
-                self._persist(lambda: queue.release(valid, now))
+                self._persist(lambda: db.release(valid, now))
             else:
                 error = outcome.error or outcome.reason or FailureReason.EXIT_STATUS
-                was_up, next_try = self.health.failed(queue, cache, error, started, self._persist)
+                was_up, next_try = self.health.failed(db, cache, error, started, self._persist)
                 if was_up:
-                    self._failed(queue, cache, config, items, outcome, now)
+                    self._failed(db, cache, config, items, outcome, now)
                 else:
-                    self._deferred(queue, cache, config, items, outcome, next_try, now)
+                    self._deferred(db, cache, config, items, outcome, next_try, now)
 
     def _exhausted(
         self,
-        queue: StateDb,
+        db: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],
@@ -415,9 +413,7 @@ class PushWorkers:
         until = now + EXHAUSTED_RETRY_SECONDS
         error = outcome.error or "cannot start the backend"
         self._persist(
-            lambda: queue.defer(
-                items, until, reason=FailureReason.SPAWN_ERROR, error=error, now=now
-            )
+            lambda: db.defer(items, until, reason=FailureReason.SPAWN_ERROR, error=error, now=now)
         )
         self.metrics.pushes_failed.labels(cache, config.backend, FailureReason.SPAWN_ERROR).inc()
         log.warning(
@@ -431,7 +427,7 @@ class PushWorkers:
 
     def _deferred(
         self,
-        queue: StateDb,
+        db: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],
@@ -442,7 +438,7 @@ class PushWorkers:
         """A push failed while its cache is down: the items wait with it, uncharged."""
         reason = outcome.reason or FailureReason.EXIT_STATUS
         error = outcome.error or reason
-        self._persist(lambda: queue.defer(items, until, reason=reason, error=error, now=now))
+        self._persist(lambda: db.defer(items, until, reason=reason, error=error, now=now))
         m = self.metrics
         m.pushes_failed.labels(cache, config.backend, reason).inc()
         m.count_paths(cache, ((item.project, item.jobset) for item in items), reason)
@@ -478,13 +474,13 @@ class PushWorkers:
             return result
 
     def _skip_uploaded_invalid(
-        self, queue: StateDb, cache: str, items: list[Item], reported: frozenset[str]
+        self, db: StateDb, cache: str, items: list[Item], reported: frozenset[str]
     ) -> list[Item]:
         """After cachix exited 0: skip what it reported skipping or what is gone from disk."""
         invalid = set(reported) | self.store.missing_paths([item.path for item in items])
-        return self._mark_invalid(queue, cache, items, invalid, after_success=True)
+        return self._mark_invalid(db, cache, items, invalid, after_success=True)
 
-    def _skip_invalid(self, queue: StateDb, cache: str, items: list[Item]) -> list[Item]:
+    def _skip_invalid(self, db: StateDb, cache: str, items: list[Item]) -> list[Item]:
         """After a failed push: mark the items whose path is no longer valid skipped (the
         store says which); return the others, all of them if the store cannot be asked."""
         try:
@@ -492,11 +488,11 @@ class PushWorkers:
         except StoreQueryError as exc:
             log.warning("cannot check store validity: %s", exc)
             return items
-        return self._mark_invalid(queue, cache, items, invalid, after_success=False)
+        return self._mark_invalid(db, cache, items, invalid, after_success=False)
 
     def _mark_invalid(
         self,
-        queue: StateDb,
+        db: StateDb,
         cache: str,
         items: list[Item],
         invalid: set[str],
@@ -510,7 +506,7 @@ class PushWorkers:
         message = "not valid in the local store (garbage-collected?)"
         if after_success:
             message += "; the push skipped it"
-        self._persist(lambda: queue.mark_skipped(gone, SkipReason.INVALID_PATH, message, now))
+        self._persist(lambda: db.mark_skipped(gone, SkipReason.INVALID_PATH, message, now))
         self.metrics.paths_skipped.labels(cache, SkipReason.INVALID_PATH).inc(len(gone))
         for item in gone:
             log.warning("skipping %s for %s: no longer valid in the store", item.path, cache)
@@ -518,7 +514,7 @@ class PushWorkers:
 
     def _failed(
         self,
-        queue: StateDb,
+        db: StateDb,
         cache: str,
         config: CacheConfig,
         items: Sequence[Item],
@@ -535,7 +531,7 @@ class PushWorkers:
         )
         groups = [(half, now + self.backoff.delay(attempts)) for half in halves]
         dead = self._persist(
-            lambda: queue.mark_failed(
+            lambda: db.mark_failed(
                 groups,
                 reason=reason,
                 error=error,

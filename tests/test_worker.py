@@ -127,7 +127,7 @@ class Harness:
             settings=PushSettings(**defaults),  # type: ignore[arg-type]
             caches=caches,
             backends=backends,
-            queue_factory=lambda: StateDb(self.db),
+            db_factory=lambda: StateDb(self.db),
             store=NixStore(),
             metrics=self.metrics,
             clock=SystemClock(),
