@@ -343,7 +343,8 @@ def test_a_failed_push_waits_for_its_backoff_on_the_injected_clock(
         bridge.clock.advance(601.0)
         wait_for(lambda: bridge.states() == {built[3].out: "pushed"}, 20, message="the retry")
         assert bridge.backend.batches == [[built[3].out], [built[3].out]]
-        assert bridge.value("cache_up", cache="c") == 1
+        # Marked up right after the push is recorded.
+        wait_for(lambda: bridge.value("cache_up", cache="c") == 1, 20, message="the cache up")
     finally:
         bridge.finish()
 

@@ -197,6 +197,8 @@ def test_database_locked_by_another_process_delays_but_loses_nothing(
         locker.release()
 
         wait_for(lambda: arrived(cache, items), message="pushes after the lock is released")
+        # Marked pushed just after the copy lands in the cache.
+        wait_for(lambda: daemon.counts("mirror").get("pushed") == 3, message="all pushed")
         assert os.listdir(incoming) == []
         out, err = retry.communicate(timeout=30)
         report["retry_while_locked"] = {"exit": retry.returncode, "stdout": out.strip()}
@@ -263,7 +265,7 @@ def test_corrupt_database_at_start_is_a_clear_error_and_spool_is_untouched(
             damaged.rename(tmp_path / f"damaged{suffix}")
     daemon.start()
     wait_for(lambda: arrived(cache, items), message="events pushed after recovery")
-    assert daemon.counts("mirror")["pushed"] == 2
+    wait_for(lambda: daemon.counts("mirror").get("pushed") == 2, message="both marked pushed")
 
 
 # -- read-only ----------------------------------------------------------------------------

@@ -438,6 +438,13 @@ def test_daemon_as_nobody_quarantines_a_root_only_event_file_as_unreadable(
         readable.chmod(0o644)
         readable.rename(incoming / "readable.json")
         wait_for(lambda: not os.listdir(incoming), timeout=20, message="incoming/ emptied")
+        # Counted after the move out of incoming/.
+        wait_for(
+            lambda: daemon.metric("hydra_cachix_bridge_events_rejected_total", reason="unreadable")
+            == 2,
+            timeout=10,
+            message="both counted",
+        )
         for name, data in (("root-only.json", VALID_EVENT), ("root-only-bad.json", b"{")):
             record = json.loads((quarantine / f"{name}.reason").read_text())
             assert record["reason"] == "unreadable", record

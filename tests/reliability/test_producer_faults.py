@@ -342,6 +342,8 @@ def test_full_spool_producers_fail_cleanly_nothing_recorded_is_lost_and_daemon_r
             assert enqueue_hook(daemon, after[1]).stderr == ""
             assert enqueue_hydra(daemon, tmp_path, 3, after[2]).returncode == 0
             wait_for(lambda: all_arrived(cache, after), message="events after space returned")
+            # Marked pushed just after the copy lands in the cache.
+            wait_for(lambda: daemon.counts("mirror").get("pushed") == 7, message="all pushed")
             assert daemon.counts("mirror") == {
                 "pending": 0,
                 "inflight": 0,
@@ -410,6 +412,13 @@ def test_quarantine_on_a_full_spool_does_not_spin_and_completes_when_space_retur
                 return bool(doc.get("reason"))
 
             wait_for(quarantined, timeout=8, message="a complete quarantine .reason file")
+            # Counted after the move, which comes after the .reason file.
+            wait_for(
+                lambda: daemon.metric("hydra_cachix_bridge_events_rejected_total") >= 1,
+                timeout=8,
+                message="the rejection counted",
+            )
+            time.sleep(0.5)  # a second count would come within this
             rejected = daemon.metric("hydra_cachix_bridge_events_rejected_total")
             assert rejected == 1, f"events_rejected_total is {rejected}"
         finally:
@@ -452,6 +461,7 @@ def test_full_state_dir_keeps_events_in_the_spool_until_the_database_can_commit(
             filler.unlink()
             wait_for(lambda: all_arrived(cache, items), message="catch-up after space returned")
             assert spool_files(spool)["incoming"] == []
+            wait_for(lambda: daemon.counts("mirror").get("pushed") == 4, message="all pushed")
             counts = daemon.counts("mirror")
             assert counts["pushed"] == 4 and counts["pending"] == counts["inflight"] == 0
             assert daemon.health()[0] == 200
