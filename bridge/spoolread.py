@@ -19,7 +19,7 @@ from pathlib import Path
 from bridge.events import Event, EventRejected, parse_spool_file
 from bridge.logsetup import input_logger
 from bridge.safeopen import is_transient
-from bridge.spool import SpoolLayout, read_event_file
+from bridge.spool import EventFile, SpoolLayout, read_event_file
 from bridge.store import NixStore, StoreQueryError
 from exporter.vocabulary import RejectReason, Source
 
@@ -97,97 +97,67 @@ class SpoolReader:
         hook = channels.layout.in_hook_channel(path)
         if hook and not channels.hook_trusted:
             return FileRead(path, Verdict.NOTHING)
-        where = "" if hook else " event file"
-        identity: Identity | None = None
-        data = b""
         try:
             raw = read_event_file(path, self.max_bytes)
-            data = raw.data
-            digest = hashlib.sha256(data).hexdigest()
-            if hook:
-                identity = (raw.inode, raw.mtime_ns, len(data))
-                if channels.hook_seen.get(path.name) == identity:
-                    return FileRead(path, Verdict.NOTHING)
-                if not data.endswith(b"\n"):
-                    # The hook writes its whole line at once: until the newline is there the
-                    # file is being written (or the write failed and the hook removes it).
-                    if self.now() - raw.mtime < SETTLE_SECONDS:
-                        return FileRead(path, Verdict.DEFER)
-                    raise EventRejected(
-                        RejectReason.INCOMPLETE_EVENT, "hook file has no final newline"
-                    )
-            elif self.recorded_before(spool_name(path), digest):
-                # Recorded before a crash came between commit and unlink. The content decides,
-                # not the name alone: another writer's file of that name is another event.
-                return FileRead(path, Verdict.DUPLICATE)
-            try:
-                event = parse_spool_file(data, raw.mtime)
-            except EventRejected as exc:
-                settling = self.now() - raw.mtime < SETTLE_SECONDS
-                if exc.reason == RejectReason.INVALID_JSON and settling and not writer_closed:
-                    return FileRead(path, Verdict.DEFER)
-                raise
-            if hook and event.source != Source.HOOK:
-                raise EventRejected(
-                    RejectReason.INVALID_EVENT, "the hook directory holds hook events only"
-                )
-            if not hook and event.source == Source.HOOK and not channels.incoming_private:
-                raise EventRejected(
-                    RejectReason.UNTRUSTED_CHANNEL,
-                    "hook events count only from the hook directory, which only root writes; "
-                    "incoming/ is writable by other users",
-                )
-            event = self._checked_outputs(event)
-        except EventRejected as exc:
-            return FileRead(
-                path,
-                Verdict.REJECT,
-                identity=identity,
-                reason=exc.reason,
-                message=exc.message,
-                data=data,
-            )
-        except (FileNotFoundError, PermissionError) as exc:
-            if hook or isinstance(exc, FileNotFoundError):
-                # Gone (taken already, or aged out), or a hook file not for us to read.
-                return FileRead(path, Verdict.NOTHING)
-            return FileRead(
-                path,
-                Verdict.REJECT,
-                reason=RejectReason.UNREADABLE,
-                message="event file is not readable by the daemon",
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return FileRead(path, Verdict.NOTHING)
-            if is_transient(exc):
-                return FileRead(path, Verdict.DEFER, message=exc.strerror or str(exc))
-            return FileRead(
-                path,
-                Verdict.REJECT,
-                identity=identity,
-                reason=RejectReason.UNREADABLE,
-                message=f"cannot read{where}: {exc.strerror}",
-            )
-        except sqlite3.Error:
-            raise  # the database, not this file: the whole pass is retried later
-        except MemoryError:
-            return FileRead(path, Verdict.DEFER, message="out of memory")
+        except EventRejected as exc:  # not a regular file, too large
+            return _rejected(path, exc)
         except Exception as exc:
-            # Whatever else one file does must not stop the others from being read.
-            log.exception("unexpected error reading %s", path)
-            return FileRead(
-                path,
-                Verdict.REJECT,
-                identity=identity,
-                reason=RejectReason.INVALID_EVENT,
-                message=f"unexpected {type(exc).__name__}",
-                data=data,
+            return _failed(path, hook, exc)
+        # A hook file stays where it is: its identity tells it from a rewritten one.
+        identity = (raw.inode, raw.mtime_ns, len(raw.data)) if hook else None
+        try:
+            return self._judge(raw, identity, channels, writer_closed)
+        except EventRejected as exc:
+            return _rejected(path, exc, identity, raw.data)
+        except Exception as exc:
+            return _failed(path, hook, exc, identity, raw.data)
+
+    def _judge(
+        self,
+        raw: EventFile,
+        identity: Identity | None,
+        channels: Channels,
+        writer_closed: bool,
+    ) -> FileRead:
+        """The verdict on a file read whole (identity is set for a hook file only); raises
+        EventRejected for a bad one."""
+        path, data = raw.path, raw.data
+        hook = identity is not None
+        digest = hashlib.sha256(data).hexdigest()
+        if hook:
+            if channels.hook_seen.get(path.name) == identity:
+                return FileRead(path, Verdict.NOTHING)
+            if not data.endswith(b"\n"):
+                # The hook writes its whole line at once: until the newline is there the
+                # file is being written (or the write failed and the hook removes it).
+                if self.now() - raw.mtime < SETTLE_SECONDS:
+                    return FileRead(path, Verdict.DEFER)
+                raise EventRejected(RejectReason.INCOMPLETE_EVENT, "hook file has no final newline")
+        elif self.recorded_before(spool_name(path), digest):
+            # Recorded before a crash came between commit and unlink. The content decides,
+            # not the name alone: another writer's file of that name is another event.
+            return FileRead(path, Verdict.DUPLICATE)
+        try:
+            event = parse_spool_file(data, raw.mtime)
+        except EventRejected as exc:
+            settling = self.now() - raw.mtime < SETTLE_SECONDS
+            if exc.reason == RejectReason.INVALID_JSON and settling and not writer_closed:
+                return FileRead(path, Verdict.DEFER)
+            raise
+        if hook and event.source != Source.HOOK:
+            raise EventRejected(
+                RejectReason.INVALID_EVENT, "the hook directory holds hook events only"
+            )
+        if not hook and event.source == Source.HOOK and not channels.incoming_private:
+            raise EventRejected(
+                RejectReason.UNTRUSTED_CHANNEL,
+                "hook events count only from the hook directory, which only root writes; "
+                "incoming/ is writable by other users",
             )
         return FileRead(
             path,
             Verdict.ACCEPT,
-            event=event,
+            event=self._checked_outputs(event),
             digest=digest,
             identity=identity,
             data=data if hook else b"",  # quarantined if the database refuses the event
@@ -216,6 +186,55 @@ class SpoolReader:
                 f"{foreign[0]}{more} is not an output of {event.drv_path}",
             )
         return event
+
+
+def _rejected(
+    path: Path, exc: EventRejected, identity: Identity | None = None, data: bytes = b""
+) -> FileRead:
+    return FileRead(
+        path, Verdict.REJECT, identity=identity, reason=exc.reason, message=exc.message, data=data
+    )
+
+
+def _failed(
+    path: Path, hook: bool, exc: Exception, identity: Identity | None = None, data: bytes = b""
+) -> FileRead:
+    """The verdict when reading or judging a file raised something other than a rejection."""
+    if isinstance(exc, sqlite3.Error):
+        raise exc  # the database, not this file: the whole pass is retried later
+    if isinstance(exc, MemoryError):
+        return FileRead(path, Verdict.DEFER, message="out of memory")
+    if isinstance(exc, FileNotFoundError) or (hook and isinstance(exc, PermissionError)):
+        # Gone (taken already, or aged out), or a hook file not for us to read.
+        return FileRead(path, Verdict.NOTHING)
+    if isinstance(exc, PermissionError):
+        message = "event file is not readable by the daemon"
+        return FileRead(path, Verdict.REJECT, reason=RejectReason.UNREADABLE, message=message)
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOENT:
+            return FileRead(path, Verdict.NOTHING)
+        if is_transient(exc):
+            return FileRead(path, Verdict.DEFER, message=exc.strerror or str(exc))
+        where = "" if hook else " event file"
+        message = f"cannot read{where}: {exc.strerror}"
+        return FileRead(
+            path,
+            Verdict.REJECT,
+            identity=identity,
+            reason=RejectReason.UNREADABLE,
+            message=message,
+            data=data,
+        )
+    # Whatever else one file does must not stop the others from being read.
+    log.error("unexpected error reading %s", path, exc_info=exc)
+    return FileRead(
+        path,
+        Verdict.REJECT,
+        identity=identity,
+        reason=RejectReason.INVALID_EVENT,
+        message=f"unexpected {type(exc).__name__}",
+        data=data,
+    )
 
 
 def spool_name(path: Path) -> str:
