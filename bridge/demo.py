@@ -218,19 +218,7 @@ def run_demo(
     if shutil.which("nix-build") is None:
         raise DemoError("nix-build not found: install Nix (on Debian: apt-get install -y nix-bin)")
     started = time.monotonic()
-    config_file: Path | None = None
-    if state_dir is not None:
-        state_dir = state_dir.absolute()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        config_file = state_dir / "demo.toml"
-        cache_uri = json.dumps(f"file://{state_dir / 'binary-cache'}")
-        config_file.write_text(
-            f"state_dir = {json.dumps(str(state_dir))}\n"
-            f'[caches.local]\nbackend = "nix-copy"\nuri = {cache_uri}\n'
-        )
-        config = load_config(config_file)
-    else:
-        config = default_config()
+    config, config_file = _demo_config(state_dir)
     work = config.state_dir / "demo"
     work.mkdir(parents=True, exist_ok=True)
     hook = config.state_dir / "post-build-hook.sh"
@@ -254,29 +242,8 @@ def run_demo(
         baseline = _baseline(config)
         out_paths = _build(expr, hook, builds + 1, timeout, echo)
         echo(f"built {len(out_paths)} derivations; the hook recorded each in the spool")
-        bundle = next(p for p in out_paths if p.endswith("-bundle"))
-        drv = subprocess.run(
-            ["nix-store", "--query", "--deriver", bundle],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        payload_file = work / f"hydra-{nonce}.json"
-        payload_file.write_text(json.dumps(hydra_payload(1, drv, bundle, int(time.time()))))
         echo("replaying a Hydra RunCommand payload for the bundle with `enqueue-hydra` …")
-        command = [
-            sys.executable,
-            "-m",
-            "bridge",
-            "enqueue-hydra",
-            "--json-file",
-            str(payload_file),
-        ]
-        if config_file is not None:
-            command += ["--config", str(config_file)]
-        enqueued = subprocess.run(command, capture_output=True, text=True, check=False)
-        if enqueued.returncode != 0:
-            raise DemoError(f"enqueue-hydra failed: {enqueued.stderr.strip()}")
+        _replay_runcommand(work / f"hydra-{nonce}.json", out_paths, config_file)
         echo("recorded build 1 (demo:main:bundle.x86_64-linux); waiting for the pushes …")
         counts = _wait_pushed(config, baseline, len(out_paths), timeout, echo)
         # Its paths were pushed already (the hook queued them): wait for the event itself.
@@ -284,6 +251,58 @@ def run_demo(
     finally:
         stop.set()
         runner.join(timeout=60)
+    _check_cache(config, out_paths)
+    return _summary(
+        daemon.registry, config, config_file, hook, out_paths, counts, time.monotonic() - started
+    )
+
+
+def _demo_config(state_dir: Path | None) -> tuple[Config, Path | None]:
+    """The embedded defaults, or a config file pointing into state_dir (and its path)."""
+    if state_dir is None:
+        return default_config(), None
+    state_dir = state_dir.absolute()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config_file = state_dir / "demo.toml"
+    cache_uri = json.dumps(f"file://{state_dir / 'binary-cache'}")
+    config_file.write_text(
+        f"state_dir = {json.dumps(str(state_dir))}\n"
+        f'[caches.local]\nbackend = "nix-copy"\nuri = {cache_uri}\n'
+    )
+    return load_config(config_file), config_file
+
+
+def _replay_runcommand(payload_file: Path, out_paths: list[str], config_file: Path | None) -> None:
+    """Hand the bundle's build to `enqueue-hydra` as Hydra's RunCommand would."""
+    bundle = next(p for p in out_paths if p.endswith("-bundle"))
+    drv = _run(["nix-store", "--query", "--deriver", bundle], "nix-store --query").strip()
+    payload_file.write_text(json.dumps(hydra_payload(1, drv, bundle, int(time.time()))))
+    command = [sys.executable, "-m", "bridge", "enqueue-hydra", "--json-file", str(payload_file)]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    _run(command, "enqueue-hydra")
+
+
+def _run(command: list[str], what: str, timeout: float = 60.0) -> str:
+    """A short command's stdout; DemoError with its stderr when it fails."""
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            start_new_session=True,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DemoError(f"{what}: {exc}") from None
+    if done.returncode != 0:
+        raise DemoError(f"{what} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _check_cache(config: Config, out_paths: list[str]) -> None:
+    """Every built path has its .narinfo in the file:// cache."""
     cache = config.caches["local"]
     cache_dir = Path((cache.uri or "").removeprefix("file://"))
     missing = [
@@ -294,8 +313,20 @@ def run_demo(
     if missing:
         raise DemoError(f"narinfo missing in {cache_dir} for: {', '.join(missing)}")
 
+
+def _summary(
+    registry: CollectorRegistry,
+    config: Config,
+    config_file: Path | None,
+    hook: Path,
+    out_paths: list[str],
+    counts: dict[str, int],
+    took: float,
+) -> str:
+    """What the demo did, for people."""
+
     def value(name: str, **labels: str) -> float:
-        sample = daemon.registry.get_sample_value(f"hydra_cachix_bridge_{name}", labels)
+        sample = registry.get_sample_value(f"hydra_cachix_bridge_{name}", labels)
         return sample or 0.0
 
     from_hook = value("events_received_total", source="hook")
@@ -319,9 +350,10 @@ def run_demo(
             + " (all demo runs in this state directory)",
             f"  pushes          {invocations:.0f}"
             f" nix copy invocation(s), {value('paths_pushed_total', cache='local'):.0f} path(s)",
-            f"  binary cache    {cache.uri} ({len(out_paths)} narinfo files checked)",
+            f"  binary cache    {config.caches['local'].uri}"
+            f" ({len(out_paths)} narinfo files checked)",
             f"  state           {config.state_dir}",
-            f"  took            {time.monotonic() - started:.1f}s",
+            f"  took            {took:.1f}s",
             "",
             f"next: `{again} status{config_arg}` shows the queue, "
             f"`{again} run{config_arg}` keeps the daemon going",
