@@ -243,7 +243,7 @@ def run_demo(
         out_paths = _build(expr, hook, builds + 1, timeout, echo)
         echo(f"built {len(out_paths)} derivations; the hook recorded each in the spool")
         echo("replaying a Hydra RunCommand payload for the bundle with `enqueue-hydra` …")
-        _replay_runcommand(work / f"hydra-{nonce}.json", out_paths, config_file)
+        _replay_runcommand(work / f"hydra-{nonce}.json", out_paths, config_file, timeout)
         echo("recorded build 1 (demo:main:bundle.x86_64-linux); waiting for the pushes …")
         counts = _wait_pushed(config, baseline, len(out_paths), timeout, echo)
         # Its paths were pushed already (the hook queued them): wait for the event itself.
@@ -272,28 +272,24 @@ def _demo_config(state_dir: Path | None) -> tuple[Config, Path | None]:
     return load_config(config_file), config_file
 
 
-def _replay_runcommand(payload_file: Path, out_paths: list[str], config_file: Path | None) -> None:
+def _replay_runcommand(
+    payload_file: Path, out_paths: list[str], config_file: Path | None, timeout: float
+) -> None:
     """Hand the bundle's build to `enqueue-hydra` as Hydra's RunCommand would."""
     bundle = next(p for p in out_paths if p.endswith("-bundle"))
-    drv = _run(["nix-store", "--query", "--deriver", bundle], "nix-store --query").strip()
+    drv = _run(["nix-store", "--query", "--deriver", bundle], "nix-store --query", timeout).strip()
     payload_file.write_text(json.dumps(hydra_payload(1, drv, bundle, int(time.time()))))
     command = [sys.executable, "-m", "bridge", "enqueue-hydra", "--json-file", str(payload_file)]
     if config_file is not None:
         command += ["--config", str(config_file)]
-    _run(command, "enqueue-hydra")
+    _run(command, "enqueue-hydra", timeout)
 
 
-def _run(command: list[str], what: str, timeout: float = 60.0) -> str:
-    """A short command's stdout; DemoError with its stderr when it fails."""
+def _run(command: list[str], what: str, timeout: float) -> str:
+    """A short command's stdout (it starts no children); DemoError with its stderr when it
+    fails."""
     try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout,
-            start_new_session=True,
-        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DemoError(f"{what}: {exc}") from None
     if done.returncode != 0:

@@ -43,6 +43,7 @@ CHANNEL = "build_finished"
 PAGE = 5000
 WAIT_SLICE_SECONDS = 0.5
 PRUNE_EVERY_SECONDS = 3600.0
+WAITING_FOR_STATE_DB = "waiting for the state database"
 
 Connector = Callable[[HydraDbSettings], "psycopg.Connection[Any]"]
 
@@ -163,9 +164,9 @@ class HydraDbSource:
                 self.stop.wait(backoff.failed(exc))
             except sqlite3.Error as exc:
                 # Our own state database (disk full, locked) during the first catch-up:
-                # wait, then connect and catch up again from the unchanged checkpoint.
+                # wait, then connect and catch up again from the checkpoint it reached.
                 self.db_metrics.connected.set(0)
-                self._set_state("waiting for the state database", _describe(exc))
+                self._set_state(WAITING_FOR_STATE_DB, _describe(exc))
                 self.stop.wait(self.state_backoff.failed(exc))
             finally:
                 for conn in connections:
@@ -200,12 +201,16 @@ class HydraDbSource:
                     self.catch_up(reader)
                     self._maybe_prune()
                     next_poll = self.clock.monotonic() + self.settings.poll_seconds
-                    self.state_backoff.succeeded()
+                    if self.state_backoff.failures:
+                        self.state_backoff.succeeded()
+                        self._set_state("listening", None)
             except sqlite3.Error as exc:
-                # Our state database refused the write (disk full, locked): Hydra's side
-                # is fine, so stay connected. Nothing was recorded and the checkpoint did
-                # not move; the next catch-up, after a pause, reads these builds again.
+                # Our state database refused a write (disk full, locked): Hydra's side is
+                # fine, so stay connected. What that write held was not recorded and the
+                # checkpoint stays before it; the next catch-up, after a pause, reads those
+                # builds again (and skips those recorded already).
                 next_poll = self.clock.monotonic() + self.state_backoff.failed(exc)
+                self._set_state(WAITING_FOR_STATE_DB, _describe(exc))
 
     def _wait_for_builds(self, listener: psycopg.Connection[Any], timeout: float) -> list[int]:
         payloads = [n.payload for n in listener.notifies(timeout=timeout, stop_after=1)]
@@ -278,6 +283,9 @@ class HydraDbSource:
         try:
             with self.recorder.db.transaction():
                 self.state.set_state(state, error, self.clock.time())
+        except sqlite3.Error as exc:
+            # The state database is what fails: the caller's backoff logs that already.
+            log.debug("cannot record the Hydra database source's state: %s", exc)
         except Exception:
             log.exception("cannot record the Hydra database source's state")
 

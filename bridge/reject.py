@@ -87,7 +87,9 @@ class Rejecter:
     ) -> Path:
         """Copy a hook file into quarantine, remembered as consumed and counted in one
         transaction: if the database refuses, the copy goes too, so the next pass neither
-        copies nor counts the file a second time."""
+        copies nor counts the file a second time. (A crash between the copy and the
+        commit leaves the copy, which the quarantine rescan counts; the file is then
+        copied once more. Rare enough not to be worth a journal.)"""
         if identity is None:
             info = os.lstat(path)
             identity = (info.st_ino, info.st_mtime_ns, info.st_size)

@@ -14,8 +14,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
+from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyObserver
 
 Notification = tuple[Path, bool]
 """A file that appeared, and whether its writer is known to be done (renamed in or closed)."""
@@ -56,9 +56,7 @@ class SpoolWatcher:
 
     def start(self) -> None:
         """Start watching (before the initial scan, so nothing falls between the two)."""
-        # Full events: a file renamed in from tmp/, which is not watched, is a move (its
-        # writer is done), not a creation, so a defective one is quarantined at once.
-        observer = InotifyObserver(generate_full_events=True)
+        observer = _observer()
         handler = _Handler(self.sink)
         observer.schedule(handler, str(self.directory), recursive=False)
         info = os.stat(self.directory)
@@ -88,6 +86,17 @@ class SpoolWatcher:
             self.observer.stop()
             self.observer.join(timeout=5)
             self.observer = None
+
+
+def _observer() -> BaseObserver:
+    """inotify with full move events: a file renamed in from tmp/, which is not watched, is
+    then a move (its writer is done), not a creation, so a defective one is quarantined at
+    once. Where inotify is missing (not Linux), watchdog's default observer."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except Exception:  # ImportError, or watchdog's UnsupportedLibcError
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
 
 
 def _identity(directory: Path) -> tuple[int, int] | None:

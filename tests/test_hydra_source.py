@@ -52,7 +52,7 @@ class Harness:
         self.thread: threading.Thread | None = None
         self.source: HydraDbSource | None = None
 
-    def start(self) -> Harness:
+    def start(self, *, connected: bool = True) -> Harness:
         self.stop = threading.Event()
         self.source = HydraDbSource(
             self.config,
@@ -64,7 +64,8 @@ class Harness:
         )
         self.thread = threading.Thread(target=self.source.run, daemon=True)
         self.thread.start()
-        wait_for(lambda: self.value("hydra_db_connected") == 1, "connected")
+        if connected:
+            wait_for(lambda: self.value("hydra_db_connected") == 1, "connected")
         return self
 
     def halt(self) -> None:
@@ -213,6 +214,7 @@ def test_a_full_state_database_is_waited_out_while_connected(
     build = hydra_db.queue_build(jobset, "while-full", *_one(1))
     hydra_db.finish_build(build, stoptime=int(time.time()))
     wait_for(lambda: refused, "the refused write")
+    wait_for(lambda: _state(harness) == "waiting for the state database", "the waiting state")
     time.sleep(0.5)  # notifications and polls meanwhile must not end the thread
     assert harness.thread is not None and harness.thread.is_alive()
     assert harness.events() == []
@@ -220,6 +222,7 @@ def test_a_full_state_database_is_waited_out_while_connected(
     # No new notification: the catch-up after the pause reads the build again.
     wait_for(lambda: len(harness.events()) == 1, "the build, once the disk has room", 20)
     assert harness.events()[0][1] == build
+    wait_for(lambda: _state(harness) == "listening", "listening again")
     assert harness.value("hydra_db_connected") == 1
     assert harness.value("hydra_db_reconnects_total") == 0
     assert harness.thread.is_alive()
@@ -234,7 +237,7 @@ def test_a_full_state_database_during_the_first_catch_up_is_waited_out(
     build = hydra_db.queue_build(jobset, "before-start", *_one(1))
     hydra_db.finish_build(build, stoptime=int(time.time()), notify=False)
     broken.set()
-    harness.start()
+    harness.start(connected=False)  # connected only until the first catch-up fails
     wait_for(lambda: refused, "the refused write")
     wait_for(lambda: _state(harness) == "waiting for the state database", "the waiting state")
     assert harness.thread is not None and harness.thread.is_alive()
