@@ -43,10 +43,12 @@ mount_all() {
   mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts" && mounted+=("$root/dev/pts")
 }
 in_root() {
+  local pass=()
+  [ -z "${HCB_RACE_PROBE:-}" ] || pass+=("HCB_RACE_PROBE=$HCB_RACE_PROBE")
   chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    NIX226_CHROOT=1 "$@"
+    NIX226_CHROOT=1 "${pass[@]}" "$@"
 }
 copy_project() {
   rm -rf "$root/src"

@@ -149,6 +149,20 @@ class Harness:
         counts = self.queue.counts()
         return counts.get((cache, "pending"), 0) + counts.get((cache, "inflight"), 0) == 0
 
+    def quiesce(self) -> None:
+        """Let running pushes finish and stop the workers.
+
+        A push commits its rows first and counts its metrics and logs after: a test that
+        saw the rows reads the metrics only once the worker has stopped.
+        """
+        for workers in self.workers:
+            assert workers.stop(10.0), "a push did not finish within 10 s"
+
+    def settle(self, *caches: str, timeout: float = 15.0) -> None:
+        """Wait until nothing is pending or in flight for the caches, then quiesce."""
+        wait_until(lambda: all(self.settled(cache) for cache in caches), timeout)
+        self.quiesce()
+
     def item(self, cache: str, path: str) -> tuple[str, int, float, float, str | None]:
         row = self.queue.conn.execute(
             "SELECT state, attempts, next_attempt_at, updated_at, last_reason FROM items"
@@ -183,7 +197,7 @@ def test_batches_per_cache_up_to_batch_size(harness: Harness, built: list[Built]
     harness.enqueue("b", b_paths)
     a, b = ScriptedBackend("a"), ScriptedBackend("b")
     harness.start({"a": cache("a"), "b": cache("b")}, {"a": a, "b": b}, batch_size=2)
-    wait_until(lambda: harness.settled("a") and harness.settled("b"))
+    harness.settle("a", "b")
     assert harness.count("a", "pushed") == 5
     assert harness.count("b", "pushed") == 3
     assert all(1 <= len(call) <= 2 for call in a.calls + b.calls)
@@ -208,7 +222,7 @@ def test_success_marks_pushed_and_updates_metrics(harness: Harness, built: list[
     backend = ScriptedBackend("c")
     before = time.time()
     harness.start({"c": cache("c", backend="cachix")}, {"c": backend})
-    wait_until(lambda: harness.settled("c"))
+    harness.settle("c")
     after = time.time()
     assert harness.count("c", "pushed") == 3
     labels = {"cache": "c", "backend": "cachix"}
@@ -255,7 +269,7 @@ def test_poisoned_path_is_isolated_and_dead_lettered_alone(
     harness.enqueue("c", paths)
     backend = ScriptedBackend("c", handler)
     harness.start({"c": cache("c")}, {"c": backend}, batch_size=8, max_attempts=2)
-    wait_until(lambda: harness.settled("c"))
+    harness.settle("c")
 
     dead = harness.queue.dead_letters()
     assert [d.path for d in dead] == [poison]
@@ -296,6 +310,9 @@ def test_failing_single_path_is_retried_then_dead_lettered(
     harness.enqueue("c", [bad])
     harness.workers[0].wake()
     wait_until(lambda: harness.count("c", "dead") == 1)
+    # After its last failure the cache was down: a probe with the path it has brings it up.
+    wait_until(lambda: harness.value("cache_up", cache="c") == 1)
+    harness.quiesce()
     assert sum(bad in call for call in backend.calls) == 3
     state, attempts, *_rest, reason = harness.item("c", bad)
     assert (state, attempts, reason) == ("dead", 3, "timeout")
@@ -306,7 +323,6 @@ def test_failing_single_path_is_retried_then_dead_lettered(
     assert harness.value("last_failure_timestamp_seconds", cache="c") > 0
     # Between its failures the cache was probed with the path it already has.
     assert [good] in backend.calls[2:]
-    wait_until(lambda: harness.value("cache_up", cache="c") == 1)
 
 
 def test_every_push_failing_is_an_outage_not_dead_letters(
@@ -449,7 +465,7 @@ def test_garbage_collected_path_is_skipped_never_pushed(
     c = ScriptedBackend("c", like_a_real_cache)
     d = ScriptedBackend("d", like_a_real_cache)
     harness.start({"c": cache("c"), "d": cache("d")}, {"c": c, "d": d}, max_attempts=5)
-    wait_until(lambda: harness.settled("c") and harness.settled("d"))
+    harness.settle("c", "d")
     assert harness.count("c", "pushed") == 2
     assert harness.count("c", "skipped") == 1
     assert harness.count("d", "skipped") == 1
@@ -483,7 +499,7 @@ def test_path_skipped_by_a_successful_push_is_skipped_not_pushed(
     c = ScriptedBackend("c", like_cachix)
     d = ScriptedBackend("d", like_cachix)
     harness.start({"c": cache("c", "cachix"), "d": cache("d", "cachix")}, {"c": c, "d": d})
-    wait_until(lambda: harness.settled("c") and harness.settled("d"))
+    harness.settle("c", "d")
     # One push each, never retried: exit 0 is success, but the gone path was not uploaded.
     assert len(c.calls) == 1 and len(d.calls) == 1
     for name in ("c", "d"):
@@ -516,7 +532,7 @@ def test_a_path_cachix_reports_skipping_is_skipped_even_if_it_is_on_disk(
 
     harness.enqueue("c", [built[5].out, built[6].out])
     harness.start({"c": cache("c", "cachix")}, {"c": ScriptedBackend("c", reports)})
-    wait_until(lambda: harness.settled("c"))
+    harness.settle("c")
     assert harness.item("c", built[5].out)[0] == "skipped"
     assert harness.item("c", built[6].out)[0] == "pushed"
     assert harness.value("paths_pushed_total", cache="c") == 1
@@ -531,7 +547,7 @@ def test_real_cachix_skips_a_garbage_collected_path_and_the_bridge_says_so(
     config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
     harness.enqueue("cx", [built[4].out, GONE])
     harness.start({"cx": config}, {"cx": CachixBackend(config)})
-    wait_until(lambda: harness.settled("cx"), timeout=30)
+    harness.settle("cx", timeout=30)
     assert narinfo(fake_cachix / "cx", built[4]).exists()
     assert harness.item("cx", GONE)[0] == "skipped"
     assert harness.item("cx", built[4].out)[0] == "pushed"
@@ -677,7 +693,7 @@ def test_real_cachix_backend_pushes_and_isolates_a_poison_path(
     config = CacheConfig(name="cx", backend="cachix", auth_token_file=token_file)
     harness.enqueue("cx", [b.out for b in [*good, poison]])
     harness.start({"cx": config}, {"cx": CachixBackend(config)}, batch_size=4, max_attempts=2)
-    wait_until(lambda: harness.settled("cx"), timeout=30)
+    harness.settle("cx", timeout=30)
     assert [d.path for d in harness.queue.dead_letters()] == [poison.out]
     assert harness.count("cx", "pushed") == 3
     for b in good:

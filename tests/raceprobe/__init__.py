@@ -1,0 +1,76 @@
+"""Race probe: with HCB_RACE_PROBE=SECONDS, every metric update and log record made off the
+main thread waits that long first.
+
+A test that waits for one write (a row, a file, a metric) and then reads another that the
+code under test makes a moment later passes almost always and fails once in a while, under
+load, in CI. With the probe on, the later write is late every time, so such a test fails
+every time. Run the suite with it before trusting a new test that waits on threads:
+
+    HCB_RACE_PROBE=0.05 python -m pytest -p tests.raceprobe ...
+
+Subprocesses the tests start (the daemon, the hook) get it too, through sitecustomize.py in
+this package's `site` directory, which the plugin puts first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ENV = "HCB_RACE_PROBE"
+SITE = Path(__file__).parent / "site"
+
+
+def delay() -> float:
+    """The probe's delay in seconds, 0 when it is off."""
+    try:
+        return max(0.0, float(os.environ.get(ENV, "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+def _late(seconds: float) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        time.sleep(seconds)
+
+
+def install() -> bool:
+    """Patch metric values and log records to arrive late off the main thread."""
+    seconds = delay()
+    if not seconds:
+        return False
+    from prometheus_client import values
+
+    for name in ("inc", "set"):
+        original = getattr(values.MutexValue, name)
+        if getattr(original, "_race_probe", False):
+            continue
+
+        def late(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            _late(seconds)
+            return _original(self, *args, **kwargs)
+
+        late._race_probe = True  # type: ignore[attr-defined]
+        setattr(values.MutexValue, name, late)
+    handle = logging.Logger.handle
+    if not getattr(handle, "_race_probe", False):
+
+        def late_handle(self: logging.Logger, record: logging.LogRecord) -> None:
+            _late(seconds)
+            handle(self, record)
+
+        late_handle._race_probe = True  # type: ignore[attr-defined]
+        logging.Logger.handle = late_handle  # type: ignore[method-assign]
+    return True
+
+
+def pytest_configure(config: Any) -> None:
+    """Install the probe here and in every subprocess the tests start."""
+    if install():
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(SITE), os.environ.get("PYTHONPATH", "")])
+        )
