@@ -123,6 +123,9 @@ class Daemon:
             QueueCollector(self._read_queue, self.config.caches, self.clock.time)
         )
         self.workers = self._make_workers()
+        # Before /metrics is served: a cache down before a restart must not read as up while
+        # the initial spool scan runs.
+        self.workers.load_health()
         self.intake = Intake(self.config.rules, self.metrics, self.clock, self.workers.wake)
         self.ingestor = Ingestor(
             self.config,

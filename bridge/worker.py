@@ -153,14 +153,22 @@ class PushWorkers:
             settings.backoff_initial_seconds, settings.backoff_max_seconds, random.Random()
         )
         self.health = CacheHealthBook(caches, metrics, clock, probe_backoff.delay)
+        self._health_loaded = False
 
-    def start(self) -> None:
-        """Load the caches' up/down state and start the worker threads."""
+    def load_health(self) -> None:
+        """Take the caches' up/down state recorded before this start (once)."""
+        if self._health_loaded:
+            return
         db = self.db_factory()
         try:
             self.health.load(db)
         finally:
             db.close()
+        self._health_loaded = True
+
+    def start(self) -> None:
+        """Load the caches' up/down state if not done yet and start the worker threads."""
+        self.load_health()
         self.pushed_bytes.start()
         for index in range(self.settings.workers):
             thread = threading.Thread(target=self._run, name=f"push-{index}", daemon=True)

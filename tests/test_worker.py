@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import threading
@@ -19,7 +20,7 @@ from bridge.backends import Backend, CachixBackend, NixCopyBackend, PushOutcome
 from bridge.clock import SystemClock
 from bridge.config import CacheConfig, PushSettings
 from bridge.events import Event
-from bridge.statedb import StateDb
+from bridge.statedb import CacheHealth, StateDb
 from bridge.store import NixStore
 from bridge.worker import BackoffPolicy, PushWorkers, parallel_limits
 from exporter.metrics import BridgeMetrics
@@ -109,6 +110,17 @@ class Harness:
         rng: random.Random | None = None,
         **settings: float,
     ) -> PushWorkers:
+        workers = self.make(caches, backends, rng, **settings)
+        workers.start()
+        return workers
+
+    def make(
+        self,
+        caches: dict[str, CacheConfig],
+        backends: dict[str, Backend],
+        rng: random.Random | None = None,
+        **settings: float,
+    ) -> PushWorkers:
         defaults: dict[str, float] = {
             "workers": 1,
             "batch_size": 8,
@@ -134,7 +146,6 @@ class Harness:
             rng=rng,
         )
         self.workers.append(workers)
-        workers.start()
         return workers
 
     def value(self, name: str, **labels: str) -> float:
@@ -250,6 +261,26 @@ def test_enqueue_after_start_is_picked_up_on_wake(harness: Harness, built: list[
     harness.enqueue("c", [built[0].out])
     workers.wake()
     wait_until(lambda: harness.count("c", "pushed") == 1, timeout=3)
+
+
+def test_a_cache_down_before_a_restart_reads_down_before_the_workers_start(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The daemon loads the recorded state before it serves /metrics and only then scans the
+    # spool and starts the workers: a scrape meanwhile must not say the cache is up.
+    down = CacheHealth("c", down_since=time.time() - 60, next_try_at=time.time() + 60)
+    harness.queue.save_cache_health(down, time.time(), failed=True)
+    backend = ScriptedBackend("c")
+    workers = harness.make({"c": cache("c"), "d": cache("d")}, {"c": backend, "d": backend})
+    assert harness.value("cache_up", cache="c") == 1  # the metric's default, before loading
+    with caplog.at_level(logging.WARNING, logger="bridge.cachehealth"):
+        workers.load_health()
+        assert harness.value("cache_up", cache="c") == 0
+        assert harness.value("cache_up", cache="d") == 1
+        workers.start()  # loads nothing again
+    said = [r.getMessage() for r in caplog.records if "is down since" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("cache c is down since "), said
+    assert workers.health.get("c") == down
 
 
 # -- failures ----------------------------------------------------------------------------

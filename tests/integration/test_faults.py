@@ -52,13 +52,14 @@ def test_transient_failures_are_retried_until_pushed(
             lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
             message="push after retries",
         )
+    # cachix wrote the narinfo; the daemon records the push once cachix has exited.
+    wait_for(lambda: daemon.counts("team").get("pushed") == 2, message="both marked pushed")
     assert (
         daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="exit_status")
         >= 2
     )
     assert daemon.metric("hydra_cachix_bridge_retries_total", cache="team") >= 2
     assert daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 0
-    assert daemon.counts("team")["pushed"] == 2
     assert daemon.metric("hydra_cachix_bridge_last_failure_timestamp_seconds", cache="team") > 0
 
 
@@ -80,7 +81,10 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
     assert daemon.terminate() == 0
     enqueue_all(daemon, tmp_path, items)
     daemon.start()
-    wait_for(lambda: daemon.counts("team").get("pushed") == 5, message="five pushed")
+    wait_for(
+        lambda: daemon.counts("team").get("pushed") == 5 and daemon.counts("team").get("dead") == 1,
+        message="five pushed, one dead-lettered",
+    )
     counts = daemon.counts("team")
     assert counts["dead"] == 1 and counts["pending"] == 0 and counts["inflight"] == 0
     for item in items:
@@ -90,7 +94,11 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
     dead = daemon.status()["dead_letters"]
     assert [d["path"] for d in dead] == [poison.out]
     assert "exited 1" in dead[0]["error"] and dead[0]["attempts"] >= 2
-    assert daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 1
+    # Counted once the dead letter is committed.
+    wait_for(
+        lambda: daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 1,
+        message="dead letter counted",
+    )
 
     # The operator fixes the cause (here: restart without the fault) and retries.
     assert daemon.terminate() == 0
@@ -100,6 +108,7 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
     assert done.returncode == 0, done.stderr
     assert "1 dead-lettered path(s) queued again" in done.stdout
     wait_for(lambda: narinfo(fake_cachix / "team", poison).is_file(), message="retried push")
+    wait_for(lambda: daemon.counts("team").get("pushed") == 6, message="retried push recorded")
     assert daemon.counts("team")["dead"] == 0
 
 
@@ -116,9 +125,13 @@ def test_hung_push_is_killed_with_its_process_group_at_timeout(
     (item,) = build(workdir, 1)
     enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, timeout=60, message="dead letter")
-    assert (
-        daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="timeout")
-        == 1
+    # The daemon commits the dead letter first and counts the failed push after.
+    wait_for(
+        lambda: (
+            daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="timeout")
+            == 1
+        ),
+        message="the failed push counted",
     )
     assert "timed out" in daemon.status()["dead_letters"][0]["error"]
     # Neither the hung cachix nor the `sleep` child it started survives.
@@ -162,6 +175,7 @@ def test_sigkill_mid_push_loses_nothing(
             lambda item=item: narinfo(fake_cachix / "team", item).is_file(),
             message=f"{item.out} after restart",
         )
+    wait_for(lambda: daemon.counts("team").get("pushed") == 8, message="all marked pushed")
     counts = daemon.counts("team")
     assert counts["pushed"] == 8 and counts["inflight"] == 0 and counts["pending"] == 0
     assert "in flight when the last run stopped" in daemon.log()
@@ -244,14 +258,25 @@ def test_garbage_collected_path_is_skipped_not_retried(
         == 0
     )
     wait_for(lambda: daemon.counts("c").get("skipped") == 1, message="skipped")
-    assert (
-        daemon.metric("hydra_cachix_bridge_paths_skipped_total", cache="c", reason="invalid_path")
-        == 1
+    # Committed first, counted after: wait for the counts.
+    wait_for(
+        lambda: (
+            daemon.metric(
+                "hydra_cachix_bridge_paths_skipped_total", cache="c", reason="invalid_path"
+            )
+            == 1
+        ),
+        message="skip counted",
     )
     # The failed push revealed the missing path; it is never tried again.
-    assert (
-        daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="c", reason="invalid_path")
-        == 1
+    wait_for(
+        lambda: (
+            daemon.metric(
+                "hydra_cachix_bridge_pushes_failed_total", cache="c", reason="invalid_path"
+            )
+            == 1
+        ),
+        message="failed push counted",
     )
     time.sleep(1)
     assert daemon.metric("hydra_cachix_bridge_pushes_started_total", cache="c") == 1

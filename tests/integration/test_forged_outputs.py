@@ -75,6 +75,8 @@ def test_forged_hydra_payload_does_not_push_a_foreign_store_path(
     assert [r["reason"] for r in reasons] == ["foreign_outputs"] * len(reasons) and reasons
     assert secret_path in reasons[0]["message"] and victim.drv in reasons[0]["message"]
     assert password not in daemon.log()
-    # Nothing of it was queued: the one pushed path is the genuine build's.
+    # Nothing of it was queued: the one pushed path is the genuine build's (recorded once
+    # nix copy has exited, after the narinfo appeared).
+    wait_for(lambda: daemon.counts("mirror").get("pushed") == 1, message="the push recorded")
     assert daemon.counts("mirror") == {**daemon.counts("mirror"), "pushed": 1, "pending": 0}
     assert daemon.terminate() == 0

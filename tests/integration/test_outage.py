@@ -73,7 +73,11 @@ def test_outage_loses_nothing_and_a_poison_path_is_still_found(
     outage_started = time.monotonic()
     enqueue_all(daemon, tmp_path, first, first_id=1)
     wait_for(lambda: team(daemon)["state"] == "down", timeout=20, message="cache down")
-    assert daemon.metric("hydra_cachix_bridge_cache_up", cache="team") == 0
+    # The state is committed first, the gauge set after.
+    wait_for(
+        lambda: daemon.metric("hydra_cachix_bridge_cache_up", cache="team") == 0,
+        message="cache_up 0",
+    )
     text = status_text(daemon)
     assert "team: DOWN since " in text and ", next try at " in text
     assert "last error: cachix push exited 1: " in text and "ConnectionFailure" in text
@@ -97,6 +101,8 @@ def test_outage_loses_nothing_and_a_poison_path_is_still_found(
     last_arrival = time.monotonic() - recovered
     assert daemon.counts("team")["dead"] == 0
     wait_for(lambda: team(daemon)["state"] == "up", message="cache up")
+    # Committed, then the gauge set, then logged: wait for the log line.
+    wait_for(lambda: "cache team is up again" in daemon.log(), message="recovery logged")
     assert daemon.metric("hydra_cachix_bridge_cache_up", cache="team") == 1
     assert daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 0
     assert "team: up" in status_text(daemon)
@@ -120,6 +126,8 @@ def test_outage_loses_nothing_and_a_poison_path_is_still_found(
     assert dead["path"] == poison.out and dead["attempts"] == MAX_ATTEMPTS
     assert not narinfo(fake_cachix / "team", poison).exists()
     wait_for(lambda: team(daemon)["state"] == "up", message="cache up after the poison")
+    # A narinfo is written by cachix before the daemon records the push.
+    wait_for(lambda: daemon.counts("team")["pushed"] == 24, message="24 marked pushed")
     counts = daemon.counts("team")
     assert counts["pushed"] == 24 and counts["pending"] == counts["inflight"] == 0
 

@@ -37,6 +37,8 @@ def test_refused_payloads_are_counted_once_across_restarts(
     assert status["count"] == 1
     assert status["newest"][0]["reason"] == "invalid_json"
     saved = status["newest"][0]["quarantined_as"]
+    # Counted first, logged after.
+    wait_for(lambda: saved in daemon.log(), 10, message="the rejection logged")
     warnings = [line for line in daemon.log().splitlines() if saved in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0] and "invalid_json" in warnings[0]
 

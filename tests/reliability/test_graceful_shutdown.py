@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.events import hydra_envelope
 from bridge.spool import SpoolLayout, write_event
 from tests.integration.daemonproc import DaemonProcess, wait_for
@@ -87,6 +89,7 @@ GRACE = 5.0
 SLOW_PUSH = "0.8"
 
 
+@pytest.mark.timing
 def test_sigterm_during_heavy_pushing_exits_cleanly_and_resumes(
     daemon_factory: Callable[..., DaemonProcess],
     tmp_path: Path,
@@ -193,8 +196,11 @@ def test_sigterm_when_pushes_outlive_the_grace_period(
     )
     db = tmp_path / "state" / "queue.sqlite3"
     enqueue(SpoolLayout(tmp_path / "state" / "spool"), items)
-    wait_for(lambda: states(db)["inflight"] == 4, timeout=30, message="four pushes running")
-    assert len(push_processes(fake_cachix)) >= 4
+    # A worker marks its item inflight before it starts cachix: wait for the processes.
+    wait_for(lambda: states(db)["inflight"] == 4, timeout=30, message="four pushes claimed")
+    wait_for(
+        lambda: len(push_processes(fake_cachix)) >= 4, timeout=30, message="four pushes running"
+    )
     sent = time.monotonic()
     code = daemon.terminate(timeout=60)
     took = time.monotonic() - sent
@@ -236,6 +242,7 @@ BURST_FILES = 6000
 BURST_PATHS = 60
 
 
+@pytest.mark.timing
 def test_sigterm_during_an_ingest_burst_stops_claims_at_once(
     daemon_factory: Callable[..., DaemonProcess],
     tmp_path: Path,
@@ -295,6 +302,8 @@ def test_sigterm_during_an_ingest_burst_stops_claims_at_once(
         lambda: (
             query(db, "SELECT COUNT(*) FROM events")[0][0] == BURST_FILES
             and states(db)["pushed"] == BURST_PATHS
+            # A file is unlinked once its event is committed: wait for that too.
+            and not any(os.scandir(layout.incoming))
         ),
         timeout=60,
         message="the rest of the burst recorded and everything pushed after restart",

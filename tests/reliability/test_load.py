@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from bridge.events import hook_envelope, hydra_envelope
 from bridge.spool import SpoolLayout, write_event
-from tests.integration.daemonproc import DaemonProcess, bridge
+from tests.integration.daemonproc import DaemonProcess, bridge, wait_for
 from tests.nixhelpers import Built, build, hydra_payload
 from tests.reliability.reporting import query, write_report
 
@@ -226,6 +228,7 @@ class Load:
         return elapsed
 
 
+@pytest.mark.timing
 def test_hundred_producers_for_a_minute(
     daemon_factory: Callable[..., DaemonProcess],
     tmp_path: Path,
@@ -279,7 +282,13 @@ def test_hundred_producers_for_a_minute(
         time.sleep(0.2)
     catch_up = time.monotonic() - load.started - elapsed
 
-    # No event lost, none recorded twice.
+    # No event lost, none recorded twice. The daemon counts an event after it committed the
+    # row and unlinked the file: wait for the count before comparing it.
+    wait_for(
+        lambda: daemon.metric("hydra_cachix_bridge_events_received_total") >= written,
+        timeout=30,
+        message="every event counted",
+    )
     received = daemon.metric("hydra_cachix_bridge_events_received_total")
     by_source = {
         source: daemon.metric("hydra_cachix_bridge_events_received_total", source=source)
