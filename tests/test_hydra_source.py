@@ -17,7 +17,7 @@ from bridge.clock import SystemClock
 from bridge.config import Config, parse_config
 from bridge.hydradb import HydraReader, parse_notification
 from bridge.hydrasource import HydraDbSource
-from bridge.hydrastate import HydraState
+from bridge.hydrastate import HydraState, SourceStatus
 from bridge.intake import Intake
 from bridge.statedb import StateDb
 from exporter.metrics import BridgeMetrics, HydraDbMetrics
@@ -36,7 +36,12 @@ def store_paths(n: int, output: str = "") -> tuple[str, str]:
 
 
 class Harness:
-    """A HydraDbSource in a thread, with its queue and metrics."""
+    """A HydraDbSource in a thread, with its queue and metrics.
+
+    The source writes its rows, then its counts and its state, a moment apart: a test that
+    waits for one of them and reads a later one waits for the later one (or for `halt`),
+    which `-p tests.raceprobe` checks.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -52,7 +57,7 @@ class Harness:
         self.thread: threading.Thread | None = None
         self.source: HydraDbSource | None = None
 
-    def start(self, *, connected: bool = True) -> Harness:
+    def _new_source(self) -> HydraDbSource:
         self.stop = threading.Event()
         self.source = HydraDbSource(
             self.config,
@@ -62,17 +67,58 @@ class Harness:
             SystemClock(),
             stop=self.stop,
         )
-        self.thread = threading.Thread(target=self.source.run, daemon=True)
+        return self.source
+
+    def start(self, *, connected: bool = True) -> Harness:
+        self.thread = threading.Thread(target=self._new_source().run, daemon=True)
         self.thread.start()
         if connected:
             wait_for(lambda: self.value("hydra_db_connected") == 1, "connected")
         return self
 
     def halt(self) -> None:
+        """Stop the source and join its thread: every write it made is done after this."""
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=20)
             assert not self.thread.is_alive()
+
+    def run_here(
+        self,
+        until: Callable[[], Any],
+        what: str,
+        *,
+        meanwhile: Callable[[], None] = lambda: None,
+        timeout: float = 60.0,
+    ) -> None:
+        """Run the source on this thread until `until()` holds, then stop it.
+
+        For thousands of builds: off the main thread the race probe delays each of their
+        counts, minutes in all. `meanwhile` (Hydra's side) and the waiting run on a helper
+        thread; when this returns, every write of the source is done.
+        """
+        source = self._new_source()
+        failures: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                meanwhile()
+                wait_for(lambda: self.stop.is_set() or until(), what, timeout)
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                self.stop.set()
+
+        helper = threading.Thread(target=drive, daemon=True)
+        helper.start()
+        try:
+            source.run()
+        finally:
+            self.stop.set()
+            helper.join(timeout=60)
+        assert not helper.is_alive()
+        if failures:
+            raise failures[0]
 
     def value(self, name: str, **labels: str) -> float:
         got = self.registry.get_sample_value(f"hydra_cachix_bridge_{name}", labels or None)
@@ -85,6 +131,27 @@ class Harness:
                 "SELECT source, build_id, project, jobset, job, build_status, outcome, targets,"
                 " finished_at FROM events ORDER BY id"
             ).fetchall()
+        finally:
+            reader.close()
+
+    def status(self) -> SourceStatus | None:
+        """The source's stored status as committed (its own connection, as `status` reads it)."""
+        reader = StateDb(self.config.database_path, create=False)
+        try:
+            return HydraState(reader.conn).status()
+        finally:
+            reader.close()
+
+    def state(self) -> str | None:
+        """The source's stored state (listening, catching up, …), or None."""
+        status = self.status()
+        return None if status is None else status.state
+
+    def checkpoint(self) -> tuple[int, int] | None:
+        """The catch-up checkpoint as committed."""
+        reader = StateDb(self.config.database_path, create=False)
+        try:
+            return HydraState(reader.conn).checkpoint()
         finally:
             reader.close()
 
@@ -153,41 +220,52 @@ def test_notification_records_the_build_like_runcommand(
     [event] = harness.events()
     assert event[:8] == ("hydra-db", build, "proj", "main", "pkg.x86_64-linux", 0, "matched", 1)
     assert harness.items() == [("local", out, "pending", "hydra-db")]
+    # The first catch-up may have read the build: "listening" comes after it.
+    wait_for(lambda: harness.state() == "listening", "listening")
+    # The counts and the lag follow the event's commit (Intake.announce, then _note).
+    harness.halt()
     assert harness.value("events_received_total", source="hydra-db") == 1
     assert harness.value("events_matched_total", source="hydra-db") == 1
     assert harness.value("paths_enqueued_total", cache="local") == 1
     assert 0 <= harness.value("hydra_db_lag_seconds") < 60
-    state = HydraState(harness.queue.conn).status()
-    assert state is not None and state.state == "listening"
 
 
 def test_split_notification_records_build_and_dependents_once(
     harness: Harness, hydra_db: HydraDatabase
 ) -> None:
     jobset = hydra_db.jobset()
-    harness.start()
-    now = int(time.time())
-    with hydra_db.connect() as conn:
-        head = hydra_db.queue_build(jobset, "dep", *_one(0), conn=conn)
-        dependents = [
-            hydra_db.queue_build(jobset, f"job{n}", *_one(n), conn=conn) for n in range(1, 2500)
-        ]
-        # The queue runner marks the dependents failed (status 2) with the failing build,
-        # then notifies once, split into chunks that each repeat the head id.
-        for dep in dependents:
-            hydra_db.finish_build(dep, status=2, stoptime=now, notify=False, conn=conn)
-        hydra_db.finish_build(head, status=1, stoptime=now, dependents=dependents, conn=conn)
+    head = 0
+    dependents: list[int] = []
+
+    def fail_with_dependents() -> None:
+        nonlocal head
+        wait_for(lambda: harness.state() == "listening", "listening")
+        now = int(time.time())
+        with hydra_db.connect() as conn:
+            head = hydra_db.queue_build(jobset, "dep", *_one(0), conn=conn)
+            dependents.extend(
+                hydra_db.queue_build(jobset, f"job{n}", *_one(n), conn=conn) for n in range(1, 2500)
+            )
+            # The queue runner marks the dependents failed (status 2) with the failing
+            # build, then notifies once, split into chunks that each repeat the head id.
+            for dep in dependents:
+                hydra_db.finish_build(dep, status=2, stoptime=now, notify=False, conn=conn)
+            hydra_db.finish_build(head, status=1, stoptime=now, dependents=dependents, conn=conn)
+
+    harness.run_here(
+        lambda: len(harness.events()) == 2500,
+        "2500 events",
+        meanwhile=fail_with_dependents,
+        timeout=60,
+    )
     assert len(notification_payloads(head, dependents)) >= 2
-    wait_for(lambda: len(harness.events()) == 2500, "2500 events", timeout=60)
     events = harness.events()
     assert sorted(e[1] for e in events) == sorted([head, *dependents])
     assert {e[6] for e in events} == {"status_filtered"}
     assert harness.items() == []
 
 
-def _refuse_writes_while(
-    monkeypatch: pytest.MonkeyPatch, broken: threading.Event
-) -> list[int]:
+def _refuse_writes_while(monkeypatch: pytest.MonkeyPatch, broken: threading.Event) -> list[int]:
     """Make the state database refuse every event while `broken` is set; count refusals."""
     real = Intake.record
     refused: list[int] = []
@@ -209,20 +287,25 @@ def test_a_full_state_database_is_waited_out_while_connected(
     refused = _refuse_writes_while(monkeypatch, broken)
     jobset = hydra_db.jobset()
     harness.start()
-    wait_for(lambda: _state(harness) == "listening", "listening")
+    wait_for(lambda: harness.state() == "listening", "listening")
     broken.set()
     build = hydra_db.queue_build(jobset, "while-full", *_one(1))
     hydra_db.finish_build(build, stoptime=int(time.time()))
     wait_for(lambda: refused, "the refused write")
-    wait_for(lambda: _state(harness) == "waiting for the state database", "the waiting state")
-    time.sleep(0.5)  # notifications and polls meanwhile must not end the thread
+    wait_for(lambda: harness.state() == hydrasource.WAITING_FOR_STATE_DB, "the waiting state")
+    first = _updated_at(harness)
+    # Polls meanwhile must not end the thread: the one after the pause is refused too and
+    # waited out again, its state (with a new time) the last thing it writes.
+    wait_for(lambda: len(refused) >= 2, "the poll's refused write")
+    wait_for(lambda: _updated_at(harness) > first, "the waiting state, again")
+    assert harness.state() == hydrasource.WAITING_FOR_STATE_DB
     assert harness.thread is not None and harness.thread.is_alive()
     assert harness.events() == []
     broken.clear()
     # No new notification: the catch-up after the pause reads the build again.
     wait_for(lambda: len(harness.events()) == 1, "the build, once the disk has room", 20)
     assert harness.events()[0][1] == build
-    wait_for(lambda: _state(harness) == "listening", "listening again")
+    wait_for(lambda: harness.state() == "listening", "listening again")
     assert harness.value("hydra_db_connected") == 1
     assert harness.value("hydra_db_reconnects_total") == 0
     assert harness.thread.is_alive()
@@ -239,18 +322,19 @@ def test_a_full_state_database_during_the_first_catch_up_is_waited_out(
     broken.set()
     harness.start(connected=False)  # connected only until the first catch-up fails
     wait_for(lambda: refused, "the refused write")
-    wait_for(lambda: _state(harness) == "waiting for the state database", "the waiting state")
+    wait_for(lambda: harness.state() == hydrasource.WAITING_FOR_STATE_DB, "the waiting state")
     assert harness.thread is not None and harness.thread.is_alive()
     broken.clear()
     wait_for(lambda: len(harness.events()) == 1, "the build, once the disk has room", 20)
     assert harness.events()[0][1] == build
-    wait_for(lambda: _state(harness) == "listening", "listening again")
+    wait_for(lambda: harness.state() == "listening", "listening again")
     assert harness.value("hydra_db_reconnects_total") == 0
 
 
-def _state(harness: Harness) -> str | None:
-    status = HydraState(harness.queue.conn).status()
-    return None if status is None else status.state
+def _updated_at(harness: Harness) -> float:
+    status = harness.status()
+    assert status is not None and status.updated_at is not None
+    return status.updated_at
 
 
 def _one(n: int) -> tuple[str, list[tuple[str, str | None]]]:
@@ -275,7 +359,7 @@ def test_catch_up_after_downtime_keeps_a_lower_id_that_finishes_later(
     hydra_db.finish_build(low, stoptime=now - 50)
     late = hydra_db.queue_build(jobset, "late-commit", *_one(3))
     hydra_db.finish_build(late, stoptime=now - 120)
-    checkpoint = HydraState(harness.queue.conn).checkpoint()
+    checkpoint = harness.checkpoint()
     assert checkpoint is not None
     # The first run may have read the higher id by catch-up too, had it finished before
     # that run's first query: count only what this run catches up.
@@ -283,13 +367,15 @@ def test_catch_up_after_downtime_keeps_a_lower_id_that_finishes_later(
     harness.start()
     wait_for(lambda: len(harness.events()) == 3, "the builds finished while stopped")
     assert [e[1] for e in harness.events()] == [high, late, low]
+    # Catch-up counts a page after its commit; "listening" follows the whole catch-up.
+    wait_for(lambda: harness.state() == "listening", "the end of the catch-up")
     assert harness.value("hydra_db_catch_up_builds_total") - caught_before == 2
-    new_checkpoint = HydraState(harness.queue.conn).checkpoint()
+    new_checkpoint = harness.checkpoint()
     assert new_checkpoint is not None and new_checkpoint >= (now - 50, low)
-    # A further restart (and a poll) reads the overlap window again: no duplicates.
+    # A further restart reads the overlap window again: no duplicates once it listens.
     harness.halt()
     harness.start()
-    time.sleep(0.5)
+    wait_for(lambda: harness.state() == "listening", "the end of the restart's catch-up")
     assert len(harness.events()) == 3
 
 
@@ -326,9 +412,12 @@ def test_bad_rows_are_skipped_and_do_not_block_later_builds(
     hydra_db.finish_build(good, stoptime=now)
     wait_for(harness.events, "the good build")
     assert [e[1] for e in harness.events()] == [good]
+    # The bad rows are counted after their page's commit, in the first catch-up (which
+    # may have read the good build too); "listening" comes after it.
+    wait_for(lambda: harness.state() == "listening", "the end of the first catch-up")
     assert harness.value("events_rejected_total", reason="invalid_build_row") == 2
     assert harness.thread is not None and harness.thread.is_alive()
-    checkpoint = HydraState(harness.queue.conn).checkpoint()
+    checkpoint = harness.checkpoint()
     assert checkpoint is not None and checkpoint[0] >= now - 20
     # A notification for a bad row is handled the same way, once.
     with hydra_db.connect() as conn:
@@ -336,6 +425,9 @@ def test_bad_rows_are_skipped_and_do_not_block_later_builds(
     later = hydra_db.queue_build(jobset, "later", *_one(4))
     hydra_db.finish_build(later, stoptime=now + 1)
     wait_for(lambda: len(harness.events()) == 2, "the later build")
+    # Had the odd row been rejected again, in the later build's batch, it would be counted
+    # after that batch's commit: read the count once the source has stopped.
+    harness.halt()
     assert harness.value("events_rejected_total", reason="invalid_build_row") == 2
 
 
@@ -393,13 +485,18 @@ def test_dropped_connection_during_catch_up_loses_and_duplicates_nothing(
         return original(self, after, limit)
 
     monkeypatch.setattr(HydraReader, "finished_after", finished_after)
-    harness.start()
-    wait_for(lambda: len(harness.events()) >= 1201, "every build", timeout=60)
-    time.sleep(0.3)
+    # Until connected again and listening: the catch-up after the reconnection is complete.
+    harness.run_here(
+        lambda: (
+            harness.state() == "listening"
+            and harness.value("hydra_db_connected") == 1
+            and len(harness.events()) >= 1201
+        ),
+        "every build, connected again",
+    )
     events = [e[1] for e in harness.events()]
     assert sorted(events) == sorted([*expected, *extra])  # nothing lost, nothing twice
     assert harness.value("hydra_db_reconnects_total") >= 1
-    assert harness.value("hydra_db_connected") == 1
 
 
 def test_postgresql_restart_under_a_running_source(
@@ -423,7 +520,7 @@ def test_postgresql_restart_under_a_running_source(
     hydra_db.finish_build(third)
     wait_for(lambda: len(harness.events()) == 3, "all three builds", timeout=60)
     assert [e[1] for e in harness.events()] == [first, second, third]
-    status = HydraState(harness.queue.conn).status()
+    status = harness.status()
     assert status is not None and status.last_error is not None
 
 
