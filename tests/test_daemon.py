@@ -154,6 +154,19 @@ class Bridge:
         for daemon in self.daemons:
             daemon.shutdown()
 
+    def quiesce(self) -> None:
+        """Stop the daemons and check that every thread of theirs has ended.
+
+        The sources commit an event, then count and log it; a worker commits a push's rows,
+        then counts and logs it. A test that saw the rows reads the metrics after this.
+        """
+        self.finish()
+        for daemon in self.daemons:
+            # Daemon.shutdown joins with timeouts and does not say whether a join timed out.
+            threads = daemon._threads + (daemon.workers._threads if daemon.workers else [])
+            alive = [thread.name for thread in threads if thread.is_alive()]
+            assert not alive, f"daemon thread(s) still running after shutdown: {alive}"
+
     def value(self, name: str, **labels: str) -> float:
         sample = self.registry.get_sample_value(P + name, labels)
         return 0.0 if sample is None else sample
@@ -278,6 +291,10 @@ def test_a_dead_spool_watch_is_a_health_problem_until_it_is_restored(
     with caplog.at_level(logging.ERROR, logger="bridge.daemon"):
         bridge.run(daemon)  # the maintenance loop recreates incoming/ and watches it again
         wait_for(lambda: daemon.health() == [], 20, message="the spool watch restored")
+        # The loop logs the loss, restores the watch (health turns empty), then sets the gauge.
+        wait_for(
+            lambda: bridge.value("spool_watch_alive") == 1, 20, message="the spool watch gauge"
+        )
     assert f"spool watch on {bridge.layout.incoming} lost" in caplog.text
     assert bridge.value("spool_watch_alive") == 1
     write_event(bridge.layout, "hook", hook_envelope(built[1].drv, built[1].out, EPOCH))
@@ -296,6 +313,7 @@ def test_an_event_file_is_recorded_pushed_and_counted(bridge: Bridge, built: lis
     assert target.parent == bridge.layout.incoming and event.out_paths == (built[2].out,)
 
     wait_for(lambda: bridge.states() == {built[2].out: "pushed"}, 20, message="event pushed")
+    bridge.quiesce()  # the rows come first, the counts after (both the intake's and the push's)
     assert not target.exists()
     assert bridge.events() == [("hydra", "matched")]
     assert bridge.backend.batches == [[built[2].out]]
@@ -331,9 +349,12 @@ def test_a_failed_push_waits_for_its_backoff_on_the_injected_clock(
         wait_for(
             lambda: bridge.value("cache_up", cache="c") == 0, 20, message="the cache marked down"
         )
-        assert (
-            bridge.value("pushes_failed_total", cache="c", backend="nix-copy", reason="exit_status")
-            == 1
+        # The worker marks the cache down, then records the failed items, then counts the push.
+        failed = {"cache": "c", "backend": "nix-copy", "reason": "exit_status"}
+        wait_for(
+            lambda: bridge.value("pushes_failed_total", **failed) == 1,
+            20,
+            message="the failed push counted",
         )
         time.sleep(1.0)  # the backoff is 300 to 600 s on the daemon's clock: no retry yet
         assert len(bridge.backend.batches) == 1
@@ -427,9 +448,6 @@ def test_a_configured_log_source_is_followed(tmp_path: Path, built: list[Built])
         with log_file.open("a") as handle:
             handle.write(f"post-build-hook: uploading {built[1].out}\n")
         wait_for(lambda: bridge.states().get(built[1].out) == "pushed", 20, message="appended")
-        assert bridge.events() == [("log", "matched"), ("log", "matched")]
-        assert bridge.value("events_received_total", source="log") == 2
-        assert bridge.value("paths_enqueued_total", cache="c") == 2
         wait_for(
             lambda: bridge.value("log_source_readable", path=str(log_file)) == 1,
             10,
@@ -437,5 +455,10 @@ def test_a_configured_log_source_is_followed(tmp_path: Path, built: list[Built])
         )
         assert daemon.health() == []
         assert str(log_file) in daemon.landing_page()
+        # The follower commits the event, then counts it: a worker may push it in between.
+        bridge.quiesce()
+        assert bridge.events() == [("log", "matched"), ("log", "matched")]
+        assert bridge.value("events_received_total", source="log") == 2
+        assert bridge.value("paths_enqueued_total", cache="c") == 2
     finally:
         bridge.finish()

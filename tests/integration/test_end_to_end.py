@@ -33,8 +33,14 @@ def test_hook_script_builds_arrive_in_file_cache(
         text = info.read_text()
         assert f"StorePath: {item.out}" in text
         assert f"Deriver: {Path(item.drv).name}" in text
-    assert daemon.metric("hydra_cachix_bridge_events_received_total", source="hook") == 3
-    assert daemon.metric("hydra_cachix_bridge_paths_pushed_total", cache="local") == 3
+    # An event is counted after its rows are committed (a busy worker may push it first), a
+    # push after `nix copy` wrote the narinfo and its rows are committed: wait for the counts.
+    received = "hydra_cachix_bridge_events_received_total"
+    wait_for(lambda: daemon.metric(received, source="hook") >= 3, message="3 events counted")
+    assert daemon.metric(received, source="hook") == 3
+    pushed = "hydra_cachix_bridge_paths_pushed_total"
+    wait_for(lambda: daemon.metric(pushed, cache="local") >= 3, message="3 paths counted")
+    assert daemon.metric(pushed, cache="local") == 3
     # NAR sizes are counted in the background, about once a second.
     wait_for(
         lambda: daemon.metric("hydra_cachix_bridge_pushed_bytes_total", cache="local") > 0,
@@ -96,13 +102,30 @@ def test_hydra_payloads_follow_job_and_status_rules(
         lambda: daemon.metric("hydra_cachix_bridge_events_received_total", source="hydra") == 6,
         message="6 events",
     )
+    # An ignored event is counted received first, ignored after; a push is counted after
+    # cachix exited (writing its call line) and the rows were committed.
+    ignored = "hydra_cachix_bridge_events_ignored_total"
+    pushed = "hydra_cachix_bridge_paths_pushed_total"
+    wait_for(
+        lambda: (
+            daemon.metric(ignored, reason="status_filtered") >= 1
+            and daemon.metric(ignored, reason="no_rule") >= 1
+        ),
+        message="the ignored events counted",
+    )
+    wait_for(
+        lambda: (
+            daemon.metric(pushed, cache="team") >= 2 and daemon.metric(pushed, cache="mirror") >= 1
+        ),
+        message="the pushes counted",
+    )
     time.sleep(0.5)  # give a wrong push the chance to happen before checking it did not
     assert not narinfo(team, failed).exists()
     assert not narinfo(team, unmatched).exists()
     assert not narinfo(mirror, ok).exists()
     assert not narinfo(team, other).exists()
-    assert daemon.metric("hydra_cachix_bridge_events_ignored_total", reason="status_filtered") == 1
-    assert daemon.metric("hydra_cachix_bridge_events_ignored_total", reason="no_rule") == 1
+    assert daemon.metric(ignored, reason="status_filtered") == 1
+    assert daemon.metric(ignored, reason="no_rule") == 1
     # The same build notified twice (Hydra may split notifications) is pushed once.
     calls = [
         json.loads(line) for line in (tmp_path / "cachix-calls.jsonl").read_text().splitlines()

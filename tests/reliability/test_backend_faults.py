@@ -162,6 +162,11 @@ def test_hanging_cache_is_killed_at_timeout_and_never_delays_the_other_cache(
         timeout=3,
         message="the hung process group killed",
     )
+    # The failed push is counted first and logged last.
+    wait_for(
+        lambda: "to team failed (timeout, attempt 1" in daemon.log(),
+        message="the failed push logged",
+    )
     log = daemon.log()
     assert "to team failed (timeout, attempt 1" in log
     assert f"cachix push timed out after {TIMEOUT}s; process group killed" in log
@@ -264,6 +269,8 @@ def test_backend_killed_by_a_signal_is_counted_logged_and_dead_lettered(
     wait_for(lambda: daemon.counts("team").get("pushed") == 1, message="first path pushed")
     enqueue_all(daemon, tmp_path, [item], first_id=2)
     wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
+    # The worker commits the dead letter, then counts the failure, and logs it last.
+    wait_for(lambda: f"dead-lettered {item.out} for team" in daemon.log(), message="its log")
     assert daemon.metric(FAILED, cache="team", reason="signal") == 2
     assert daemon.metric(FAILED, cache="team", reason="exit_status") == 0
     assert daemon.metric("hydra_cachix_bridge_retries_total", cache="team") == 1
@@ -385,7 +392,12 @@ def test_one_poisoned_path_in_a_hook_batch_is_isolated_and_the_rest_arrive(
     good = build(workdir, 5, hook=hook)
     (poison,) = build(workdir, 1, prefix=f"hcb-{poison_tag}", hook=hook)
     daemon.start()
-    wait_for(lambda: daemon.counts("team").get("dead") == 1, message="the poison dead-lettered")
+    # Isolating it takes about ten pushes: a generous deadline for a slow or probed run.
+    wait_for(
+        lambda: daemon.counts("team").get("dead") == 1,
+        timeout=120,
+        message="the poison dead-lettered",
+    )
     wait_for(lambda: arrived(mirror, [*good, poison]), message="mirror has all six")
     wait_for(
         lambda: (
@@ -401,8 +413,13 @@ def test_one_poisoned_path_in_a_hook_batch_is_isolated_and_the_rest_arrive(
     report["team_invocations"] = [len(c["paths"]) for c in calls(tmp_path)]
     (dead,) = status_of(daemon)["dead_letters"]
     assert dead["path"] == poison.out and "poison path" in dead["error"]
+    # The worker commits the dead letter, then counts the failure, and logs it last.
+    wait_for(lambda: f"dead-lettered {poison.out} for team" in daemon.log(), message="its log")
     assert daemon.metric(DEAD, cache="team") == 1
-    assert daemon.metric(FAILED, cache="team", reason="exit_status") >= 3
+    wait_for(
+        lambda: daemon.metric(FAILED, cache="team", reason="exit_status") >= 3,
+        message="3 failed pushes counted",
+    )
     assert daemon.metric(FAILED, cache="mirror") == 0
     log = daemon.log()
     assert "push of 6 path(s) to team failed (exit_status, attempt 1, split into 2 batches)" in log
