@@ -30,7 +30,7 @@ from bridge.events import Event, hook_envelope
 from bridge.matching import Rule
 from bridge.producers import record_hydra_payload
 from bridge.spool import SpoolLayout, write_event
-from bridge.statedb import StateDb
+from bridge.statedb import CacheHealth, StateDb
 from bridge.store import NixStore
 from tests.integration.daemonproc import wait_for
 from tests.nixhelpers import Built, build, hydra_payload
@@ -247,6 +247,33 @@ def test_start_queues_again_what_the_last_run_left_in_flight(
     assert bridge.value("pushes_succeeded_total", cache="c", backend="nix-copy") == 1
     assert bridge.value("queue_items", cache="c", state="inflight") == 0
     assert bridge.value("queue_items", cache="c", state="pushed") == 1
+
+
+def test_a_cache_down_before_the_restart_is_down_on_the_first_scrape(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /metrics is served before the initial spool scan, which takes a while after a long
+    # outage: the recorded state must be on the gauge by then, not only once workers start.
+    bridge.config.state_dir.mkdir(parents=True, exist_ok=True)
+    db = StateDb(bridge.config.database_path)
+    try:
+        down = CacheHealth("c", down_since=EPOCH - 600, next_try_at=EPOCH + 600, failures=4)
+        db.save_cache_health(down, EPOCH - 10, failed=True)
+    finally:
+        db.close()
+    served: list[float | None] = []
+    serve = Daemon._serve_metrics
+
+    def serve_and_look(daemon: Daemon) -> None:
+        serve(daemon)
+        served.append(
+            bridge.registry.get_sample_value("hydra_cachix_bridge_cache_up", {"cache": "c"})
+        )
+
+    monkeypatch.setattr(Daemon, "_serve_metrics", serve_and_look)
+    bridge.start()
+    assert served == [0.0]
+    assert bridge.value("cache_up", cache="c") == 0
 
 
 def test_second_daemon_on_the_same_state_directory_cannot_start(bridge: Bridge) -> None:

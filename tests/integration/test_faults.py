@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for
 from tests.nixhelpers import build, hydra_payload, narinfo
+from tests.processes import live_processes
 
 PUSH = "[push]\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 0.5\n"
 
@@ -135,21 +136,11 @@ def test_hung_push_is_killed_with_its_process_group_at_timeout(
     )
     assert "timed out" in daemon.status()["dead_letters"][0]["error"]
     # Neither the hung cachix nor the `sleep` child it started survives.
-    leftovers = [
-        pid
-        for pid in os.listdir("/proc")
-        if pid.isdigit()
-        and "FAKE_CACHIX_HANG" in _environ(int(pid))
-        and int(pid) != daemon.proc.pid  # type: ignore[union-attr]
-    ]
-    assert leftovers == []
-
-
-def _environ(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+    leftovers = live_processes(
+        f"FAKE_CACHIX_ROOT={fake_cachix}",
+        exclude=[daemon.proc.pid],  # type: ignore[union-attr]
+    )
+    assert leftovers == {}
 
 
 def test_sigkill_mid_push_loses_nothing(

@@ -19,6 +19,7 @@ import pytest
 
 from tests.integration.daemonproc import DaemonProcess, bridge, enqueue_all, wait_for, write_hook
 from tests.nixhelpers import Built, build, narinfo
+from tests.processes import live_processes, process_state
 
 pytestmark = pytest.mark.integration
 
@@ -49,34 +50,6 @@ def nix_copy(name: str, cache: Path) -> str:
 
 def arrived(cache: Path, items: list[Built]) -> bool:
     return all(narinfo(cache, item).is_file() for item in items)
-
-
-def _state(pid: int) -> str:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("State:"):
-                return line.split()[1]
-    except OSError:
-        pass
-    return "X"
-
-
-def live_processes(marker: str, exclude: set[int]) -> dict[int, str]:
-    """Running (not zombie) processes whose environment holds marker: pid → command line."""
-    wanted = marker.encode()
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        pid = int(entry)
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if wanted in environ and _state(pid) not in ("Z", "X"):
-            found[pid] = cmdline.decode(errors="replace").strip()
-    return found
 
 
 def vm_kib(pid: int, field: str) -> int:
@@ -158,7 +131,7 @@ def test_hanging_cache_is_killed_at_timeout_and_never_delays_the_other_cache(
         message="the first timeout",
     )
     wait_for(
-        lambda: not any(_state(pid) not in ("Z", "X") for pid in hung),
+        lambda: not any(process_state(pid) not in ("Z", "X") for pid in hung),
         timeout=3,
         message="the hung process group killed",
     )

@@ -22,6 +22,7 @@ from bridge.events import hydra_envelope
 from bridge.spool import SpoolLayout, write_event
 from tests.integration.daemonproc import DaemonProcess, wait_for
 from tests.nixhelpers import Built, build, hydra_payload
+from tests.processes import live_processes, process_state
 from tests.reliability.reporting import query, write_report
 
 KILL_GRACE_SECONDS = 5.0  # bridge.process: SIGTERM to the push's group, then SIGKILL after this
@@ -36,28 +37,9 @@ def states(db: Path) -> dict[str, int]:
 
 
 def push_processes(root: Path) -> list[str]:
-    """Live processes (not zombies) that carry this test's FAKE_CACHIX_ROOT.
-
-    They are the stand-in cachix and the nix commands it runs. PID 1 here never reaps
-    orphans, so zombies (State Z) are ignored: they run nothing.
-    """
-    marker = f"FAKE_CACHIX_ROOT={root}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            status = Path(f"/proc/{entry}/status").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if marker not in environ:
-            continue
-        state = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("State:")), "")
-        if state != "Z":
-            found.append(f"{entry} {state} {cmdline.decode(errors='replace')[:200]}")
-    return found
+    """Live processes of this test's stand-in cachix (and the nix commands it runs)."""
+    found = live_processes(f"FAKE_CACHIX_ROOT={root}")
+    return [f"{pid} {process_state(pid)} {cmdline[:200]}" for pid, cmdline in found.items()]
 
 
 def narinfo(cache_dir: Path, path: str) -> Path:
