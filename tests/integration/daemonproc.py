@@ -255,6 +255,23 @@ class DaemonProcess:
                     total += sample.value
         return total
 
+    def wait_metric(self, name: str, value: float, timeout: float = 30.0, **labels: str) -> None:
+        """Wait until metric(name, **labels) reads value.
+
+        The daemon counts after it commits (and logs after it counts): a test that saw a
+        row, a file or an earlier metric waits here before it reads a count.
+        """
+        last = [float("nan")]
+
+        def reads_value() -> bool:
+            last[0] = self.metric(name, **labels)
+            return last[0] == value
+
+        try:
+            wait_for(reads_value, timeout, message=f"{name}{labels or ''} == {value:g}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (it read {last[0]:g})") from None
+
     def log(self) -> str:
         """Everything the daemon wrote so far."""
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

@@ -96,10 +96,7 @@ def test_poison_path_is_isolated_by_bisection_and_dead_lettered_then_retried(
     assert [d["path"] for d in dead] == [poison.out]
     assert "exited 1" in dead[0]["error"] and dead[0]["attempts"] >= 2
     # Counted once the dead letter is committed.
-    wait_for(
-        lambda: daemon.metric("hydra_cachix_bridge_dead_letters_total", cache="team") == 1,
-        message="dead letter counted",
-    )
+    daemon.wait_metric("hydra_cachix_bridge_dead_letters_total", 1, cache="team")
 
     # The operator fixes the cause (here: restart without the fault) and retries.
     assert daemon.terminate() == 0
@@ -127,13 +124,7 @@ def test_hung_push_is_killed_with_its_process_group_at_timeout(
     enqueue_all(daemon, tmp_path, [item])
     wait_for(lambda: daemon.counts("team").get("dead") == 1, timeout=60, message="dead letter")
     # The daemon commits the dead letter first and counts the failed push after.
-    wait_for(
-        lambda: (
-            daemon.metric("hydra_cachix_bridge_pushes_failed_total", cache="team", reason="timeout")
-            == 1
-        ),
-        message="the failed push counted",
-    )
+    daemon.wait_metric("hydra_cachix_bridge_pushes_failed_total", 1, cache="team", reason="timeout")
     assert "timed out" in daemon.status()["dead_letters"][0]["error"]
     # Neither the hung cachix nor the `sleep` child it started survives.
     leftovers = live_processes(
@@ -250,24 +241,12 @@ def test_garbage_collected_path_is_skipped_not_retried(
     )
     wait_for(lambda: daemon.counts("c").get("skipped") == 1, message="skipped")
     # Committed first, counted after: wait for the counts.
-    wait_for(
-        lambda: (
-            daemon.metric(
-                "hydra_cachix_bridge_paths_skipped_total", cache="c", reason="invalid_path"
-            )
-            == 1
-        ),
-        message="skip counted",
+    daemon.wait_metric(
+        "hydra_cachix_bridge_paths_skipped_total", 1, cache="c", reason="invalid_path"
     )
     # The failed push revealed the missing path; it is never tried again.
-    wait_for(
-        lambda: (
-            daemon.metric(
-                "hydra_cachix_bridge_pushes_failed_total", cache="c", reason="invalid_path"
-            )
-            == 1
-        ),
-        message="failed push counted",
+    daemon.wait_metric(
+        "hydra_cachix_bridge_pushes_failed_total", 1, cache="c", reason="invalid_path"
     )
     time.sleep(1)
     assert daemon.metric("hydra_cachix_bridge_pushes_started_total", cache="c") == 1

@@ -55,9 +55,7 @@ def test_notification_to_push_with_real_nix_paths(
     )
     assert not narinfo(cache, built[2]).exists()  # rule: only project proj
     # An event is counted received, then matched or ignored: wait for the last count.
-    wait_for(
-        lambda: daemon.metric("hydra_cachix_bridge_events_ignored_total", reason="no_rule") == 1
-    )
+    daemon.wait_metric("hydra_cachix_bridge_events_ignored_total", 1, reason="no_rule")
     status = daemon.status()
     assert status["hydra_db"]["state"] == "listening"
     assert status["hydra_db"]["checkpoint_stoptime"] is not None

@@ -77,7 +77,18 @@ def test_landing_page_tells_the_story_in_a_real_browser(
     )
     enqueue_all(daemon, tmp_path, built)
     wait_for(lambda: all(narinfo(mirror, b).is_file() for b in built), message="mirror")
+    # Recorded once nix copy has exited, after the narinfo files appeared.
+    wait_for(lambda: daemon.counts("mirror").get("pushed") == 3, message="mirror recorded")
     wait_for(lambda: daemon.counts("team").get("dead") == 1, message="dead letter")
+    # The poison path's last push may take team down for a moment, until a probe with a
+    # path it already has (0.1 to 0.2 s later here) brings it back up.
+    wait_for(
+        lambda: (
+            {c["cache"]: c["state"] for c in daemon.status()["caches"]}
+            == {"team": "up", "mirror": "up"}
+        ),
+        message="both caches up",
+    )
     # A payload enqueue-hydra refuses, and an event file whose name is markup.
     bad = tmp_path / "bad.json"
     bad.write_text("{broken")

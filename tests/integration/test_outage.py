@@ -74,10 +74,7 @@ def test_outage_loses_nothing_and_a_poison_path_is_still_found(
     enqueue_all(daemon, tmp_path, first, first_id=1)
     wait_for(lambda: team(daemon)["state"] == "down", timeout=20, message="cache down")
     # The state is committed first, the gauge set after.
-    wait_for(
-        lambda: daemon.metric("hydra_cachix_bridge_cache_up", cache="team") == 0,
-        message="cache_up 0",
-    )
+    daemon.wait_metric("hydra_cachix_bridge_cache_up", 0, cache="team")
     text = status_text(daemon)
     assert "team: DOWN since " in text and ", next try at " in text
     assert "last error: cachix push exited 1: " in text and "ConnectionFailure" in text
