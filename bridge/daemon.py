@@ -123,9 +123,6 @@ class Daemon:
             QueueCollector(self._read_queue, self.config.caches, self.clock.time)
         )
         self.workers = self._make_workers()
-        # Before /metrics is served: a cache down before a restart must not read as up while
-        # the initial spool scan runs.
-        self.workers.load_health()
         self.intake = Intake(self.config.rules, self.metrics, self.clock, self.workers.wake)
         self.ingestor = Ingestor(
             self.config,
@@ -203,7 +200,7 @@ class Daemon:
 
     def _make_workers(self) -> PushWorkers:
         config = self.config
-        return PushWorkers(
+        workers = PushWorkers(
             settings=config.push,
             caches=config.caches,
             backends=self.backends,
@@ -213,6 +210,10 @@ class Daemon:
             clock=self.clock,
             rng=self.rng,
         )
+        # Before /metrics is served: a cache down before a restart must not read as up while
+        # the initial spool scan runs.
+        workers.load_health()
+        return workers
 
     def _serve_metrics(self) -> None:
         if not self.serve_metrics:
