@@ -108,11 +108,16 @@ def test_postgresql_restart_under_a_running_daemon_loses_and_duplicates_nothing(
         timeout=90,
         message="every build recorded",
     )
+
+    def state() -> str:
+        status = bridge("status", "--json", "--config", str(daemon.config), env=daemon.env)
+        return str(json.loads(status.stdout)["hydra_db"]["state"])
+
+    # The catch-up after the reconnect says "listening" once it has recorded and counted
+    # its last page.
+    wait_for(lambda: state() == "listening", timeout=60, message="listening after the catch-up")
     time.sleep(1)  # a duplicate would show up now
-    document = json.loads(
-        bridge("status", "--json", "--config", str(daemon.config), env=daemon.env).stdout
-    )
-    assert document["hydra_db"]["state"] == "listening"
+    assert state() == "listening"
     total = daemon.metric("hydra_cachix_bridge_events_received_total", source="hydra-db")
     for item in built:
         wait_for(lambda item=item: narinfo(cache, item).is_file(), message=item.out)
