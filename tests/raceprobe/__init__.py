@@ -28,10 +28,14 @@ SITE = Path(__file__).parent / "site"
 
 def delay() -> float:
     """The probe's delay in seconds, 0 when it is off."""
+    raw = os.environ.get(ENV, "").strip()
     try:
-        return max(0.0, float(os.environ.get(ENV, "0") or 0))
+        seconds = float(raw or 0)
     except ValueError:
-        return 0.0
+        seconds = -1.0
+    if not 0 <= seconds < 60:
+        raise ValueError(f"{ENV}={raw!r}: expected a delay in seconds, such as 0.05")
+    return seconds
 
 
 def _late(seconds: float) -> None:
@@ -109,7 +113,13 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 def pytest_configure(config: Any) -> None:
     """Install the probe here and in every subprocess the tests start."""
-    if install():
+    import pytest
+
+    try:
+        installed = install()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if installed:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(SITE), os.environ.get("PYTHONPATH", "")])
         )
