@@ -43,6 +43,20 @@ def _late(seconds: float) -> None:
         time.sleep(seconds)
 
 
+def _delay_before(owner: Any, name: str, seconds: float) -> None:
+    """Replace owner.name by a wrapper that waits off the main thread first (once)."""
+    original = getattr(owner, name)
+    if getattr(original, "_race_probe", False):
+        return
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        _late(seconds)
+        return original(*args, **kwargs)
+
+    late._race_probe = True  # type: ignore[attr-defined]
+    setattr(owner, name, late)
+
+
 def install() -> bool:
     """Make metric values, log records, commits and file moves late off the main thread."""
     seconds = delay()
@@ -51,16 +65,10 @@ def install() -> bool:
     from prometheus_client import values
 
     for name in ("inc", "set"):
-        original = getattr(values.MutexValue, name)
-        if getattr(original, "_race_probe", False):
-            continue
-
-        def late(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            _late(seconds)
-            return _original(self, *args, **kwargs)
-
-        late._race_probe = True  # type: ignore[attr-defined]
-        setattr(values.MutexValue, name, late)
+        _delay_before(values.MutexValue, name, seconds)
+    _delay_before(logging.Logger, "handle", seconds)
+    for name in ("unlink", "remove", "rename", "replace"):
+        _delay_before(os, name, seconds)
     if not getattr(sqlite3.connect, "_race_probe", False):
         connect = sqlite3.connect
 
@@ -76,26 +84,6 @@ def install() -> bool:
 
         late_connect._race_probe = True  # type: ignore[attr-defined]
         sqlite3.connect = late_connect  # type: ignore[assignment]
-    for name in ("unlink", "remove", "rename", "replace"):
-        original = getattr(os, name)
-        if getattr(original, "_race_probe", False):
-            continue
-
-        def late_call(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            _late(seconds)
-            return _original(*args, **kwargs)
-
-        late_call._race_probe = True  # type: ignore[attr-defined]
-        setattr(os, name, late_call)
-    handle = logging.Logger.handle
-    if not getattr(handle, "_race_probe", False):
-
-        def late_handle(self: logging.Logger, record: logging.LogRecord) -> None:
-            _late(seconds)
-            handle(self, record)
-
-        late_handle._race_probe = True  # type: ignore[attr-defined]
-        logging.Logger.handle = late_handle  # type: ignore[method-assign]
     return True
 
 

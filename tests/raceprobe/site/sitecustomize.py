@@ -35,7 +35,6 @@ class _AfterPrometheusValues(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            sys.modules[name] = module
             _install_probe()
 
         spec.loader.exec_module = exec_module
